@@ -17,7 +17,7 @@ $(STAMP): setup.py
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m launch.run_demo --workdir=$(WORKDIR)
+	$(PY) -m launch.train --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

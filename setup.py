@@ -32,7 +32,8 @@ setup(
         "scikit-learn>=1.4,<2",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # tensorflow-datasets: its mock data tests the tfds adapter without TensorFlow.
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5"],
         # PyTorch peers for benchmarks (and, later, weight import / parity tests).
         # 2.13.0 is the CPU wheel that lies on the project's CPU machines.
         "torch": ["torch>=2.9,<2.15"],

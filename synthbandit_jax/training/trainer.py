@@ -1,0 +1,356 @@
+"""The training driver: runs each configured mode in its own directory, checkpointing every
+epoch, resuming interrupted runs, and writing results.json, report.md and plots.
+
+Layout of a workdir:
+
+  WORKDIR/config.json            the config of the last invocation
+  WORKDIR/pool/                  the controlled pool (when pool.kind = controlled)
+  WORKDIR/<mode>/checkpoints/    orbax checkpoints, one per epoch (last `checkpoint.keep`)
+  WORKDIR/<mode>/config.json     the config (and its fingerprint) the mode was trained with
+  WORKDIR/<mode>/results.json    that mode's result (see `train_mode`)
+  WORKDIR/results.json           all modes plus a comparison table
+  WORKDIR/report.md, *.png       the report and its plots
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from synthbandit_jax import arms as arms_lib
+from synthbandit_jax import bandits as bandits_lib
+from synthbandit_jax import checkpoint as ckpt_lib
+from synthbandit_jax import io as sio
+from synthbandit_jax import parallel
+from synthbandit_jax import report as report_lib
+from synthbandit_jax.models import classifiers
+from synthbandit_jax.training import epoch as epoch_lib
+from synthbandit_jax.training import inputs as inputs_lib
+from synthbandit_jax.training import optim as optim_lib
+
+# Config sections that do not change a run's numbers (resuming with other values is fine).
+_NOT_FINGERPRINTED = ("debug", "parallel", "checkpoint", "train.epochs", "data.on_device",
+                      "data.prefetch")
+
+
+class FinishedRunError(RuntimeError):
+  """Raised by `train_mode(..., if_finished="error")` for a finished run directory."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def config_dict(config) -> dict:
+  if isinstance(config, ml_collections.ConfigDict):
+    return json.loads(config.to_json())
+  return json.loads(json.dumps(config))
+
+
+def fingerprint(config) -> tuple[str, dict[str, Any]]:
+  """A hash over the config keys that change a run's numbers, and those keys."""
+  flat = _flatten(config_dict(config))
+  keep = {k: v for k, v in flat.items()
+          if not any(k == p or k.startswith(p + ".") for p in _NOT_FINGERPRINTED)}
+  blob = json.dumps(keep, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16], keep
+
+
+def mode_dirname(mode: str) -> str:
+  return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in mode)
+
+
+def bandit_from_config(bandit_cfg, name: str | None = None) -> bandits_lib.Bandit:
+  """Builds the configured bandit; each algorithm takes the config values it uses."""
+  name = name or bandit_cfg.name
+  scale = float(bandit_cfg.reward_scale)
+  available = {
+      "c": float(bandit_cfg.c), "gamma": float(bandit_cfg.gamma),
+      "window": int(bandit_cfg.window), "epsilon": float(bandit_cfg.epsilon),
+      "decay": float(bandit_cfg.decay), "prior_mean": float(bandit_cfg.prior_mean) * scale,
+      "prior_std": float(bandit_cfg.prior_std) * scale,
+      "obs_std": float(bandit_cfg.obs_std) * scale,
+  }
+  if name == "exp3":
+    lo = -scale if bandit_cfg.reward == "gain" else 0.0
+    return bandits_lib.make_bandit("exp3", gamma=float(bandit_cfg.exp3_gamma),
+                                   reward_range=(lo, scale))
+  if name not in bandits_lib.bandit_names():
+    raise ValueError(f"config bandit.name: unknown bandit {name!r}; valid: "
+                     f"{', '.join(bandits_lib.bandit_names())}")
+  params = inspect.signature(bandits_lib._REGISTRY[name]).parameters  # pylint: disable=protected-access
+  return bandits_lib.make_bandit(name, **{k: v for k, v in available.items() if k in params})
+
+
+def _arm_report(names, bandit_state) -> list[dict]:
+  counts = np.asarray(bandit_state.counts)
+  sums = np.asarray(bandit_state.sums)
+  return [{"name": n, "pulls": int(counts[i]),
+           "mean_reward": float(sums[i] / counts[i]) if counts[i] else None}
+          for i, n in enumerate(names)]
+
+
+def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path, *,
+               bandit: bandits_lib.Bandit | None = None,
+               reward_fn: epoch_lib.RewardFn | None = None,
+               overwrite: bool = False, resume: bool = True, if_finished: str = "skip",
+               progress: bool = True) -> dict:
+  """Trains one mode (real, synthetic, mixNN, topk:COL, group:NAME, bandit[:ALGO], uniform).
+
+  Checkpoints every epoch under run_dir/checkpoints and resumes from the last one. A
+  `bandit` or `reward_fn` given here replaces the configured one (research extensions).
+
+  Returns the mode's results dict (also written to run_dir/results.json): mode, config,
+  arms [{name, size, pulls, mean_reward}], epochs [{epoch, arm, reward, val_accuracy,
+  train_loss, train_accuracy, images, wall_time_s}], best_val_accuracy, best_epoch,
+  test_accuracy, images_seen, wall_time_s, skipped_files, ...
+  """
+  run_dir = Path(run_dir)
+  epochs = int(config.train.epochs)
+  results_path = run_dir / "results.json"
+  fp, fp_items = fingerprint(config)
+  if overwrite and run_dir.exists():
+    shutil.rmtree(run_dir)
+  if results_path.exists():
+    done = sio.read_json(results_path)
+    if done.get("fingerprint") == fp and done.get("epochs_completed", 0) >= epochs:
+      msg = (f"{run_dir} holds a finished run of mode '{mode}' ({epochs} epochs, test "
+             f"accuracy {done['test_accuracy']:.4f}); pass --overwrite to train it again")
+      if if_finished == "error":
+        raise FinishedRunError(msg)
+      logging.info(msg)
+      return done
+
+  # Check that a stored checkpoint belongs to this config before touching it.
+  cfg_path = run_dir / "config.json"
+  ckpt_dir = run_dir / "checkpoints"
+  if cfg_path.exists() and ckpt_dir.exists():
+    stored = sio.read_json(cfg_path)
+    if stored.get("fingerprint") != fp:
+      old = stored.get("fingerprinted", {})
+      diff = sorted(k for k in set(old) | set(fp_items) if old.get(k) != fp_items.get(k))
+      raise ValueError(
+          f"{run_dir} holds checkpoints of a run with another config (differs in: "
+          f"{', '.join(diff[:10])}). Pass --overwrite to discard them, or use another "
+          f"--workdir.")
+    if not resume:
+      raise ValueError(f"{run_dir} holds an unfinished run; resume it (the default) or pass "
+                       f"--overwrite to start again")
+  sio.atomic_write_json(cfg_path, {"fingerprint": fp, "fingerprinted": fp_items,
+                                   "config": config_dict(config), "mode": mode})
+
+  named_arms, uses_bandit = inputs_lib.mode_arms(config, inputs, mode)
+  arms = arms_lib.pad_arms(named_arms)
+  if uses_bandit:
+    if mode == "uniform":
+      bandit = bandits_lib.uniform()
+    elif mode.startswith("bandit:"):
+      bandit = bandit_from_config(config.bandit, mode.split(":", 1)[1])
+    elif bandit is None:
+      bandit = bandit_from_config(config.bandit)
+  else:
+    bandit = bandits_lib.fixed(0)
+  if reward_fn is None:
+    reward_fn = bandits_lib.reward_fn(config.bandit.reward, float(config.bandit.reward_scale))
+
+  mesh = parallel.make_mesh(int(config.parallel.num_devices))
+  batch_size = int(config.train.batch_size)
+  eval_batch_size = int(config.train.eval_batch_size)
+  parallel.check_divisible(batch_size, mesh, "train.batch_size")
+  parallel.check_divisible(eval_batch_size, mesh, "train.eval_batch_size")
+
+  num_classes = len(inputs.class_names)
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.model.dtype)
+  if dtype is None:
+    raise ValueError(f"config model.dtype must be 'float32' or 'bfloat16', got "
+                     f"{config.model.dtype!r}")
+  model = classifiers.build_classifier(config.model.name, num_classes, dtype=dtype,
+                                       frozen_backbone=bool(config.model.frozen_backbone))
+  input_shape = (1,) + inputs.bank_images.shape[1:]
+  rng = jax.random.PRNGKey(int(config.seed))
+  steps_per_epoch = -(-arms.indices.shape[1] // batch_size)
+  # Parameters are needed to build a masked optimizer; init once with a throwaway tx.
+  probe = model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape, jnp.float32), train=False)
+  tx = optim_lib.make_optimizer(
+      config.optim, probe["params"], steps_per_epoch * epochs,
+      trainable="head" if config.model.frozen_backbone else "all")
+  state = epoch_lib.create_train_state(model, tx, bandit, arms.num_arms, rng, input_shape)
+
+  repl = parallel.replicated(mesh)
+  val_set = jax.device_put(epoch_lib.make_eval_set(inputs.val.images, inputs.val.labels,
+                                                   eval_batch_size), repl)
+  test_set = jax.device_put(epoch_lib.make_eval_set(inputs.test.images, inputs.test.labels,
+                                                    eval_batch_size), repl)
+  arm_arrays = jax.device_put(epoch_lib.ArmArrays(arms.indices, arms.mask), repl)
+  eval_fn = epoch_lib.make_eval_fn(model, mesh)
+  spec = epoch_lib.EpochSpec(model, tx, bandit, reward_fn, batch_size, mesh)
+
+  on_device = bool(config.data.on_device)
+  if on_device:
+    bank = jax.device_put(epoch_lib.Bank(inputs.bank_images, inputs.bank_labels), repl)
+    epoch_fn = epoch_lib.make_epoch_fn(spec)
+    run_epoch = lambda st: epoch_fn(st, bank, arm_arrays, val_set)
+  else:
+    streamer = epoch_lib.HostStreamingEpoch(spec, prefetch=int(config.data.prefetch))
+    run_epoch = lambda st: streamer(st, inputs.bank_images, inputs.bank_labels, arm_arrays,
+                                    inputs.val.images, inputs.val.labels, eval_batch_size)
+
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=int(config.checkpoint.keep))
+  history: dict[str, list] = {"epochs": []}
+  if resume and ckpt.latest_epoch() is not None:
+    state, history = ckpt.restore(state)
+    logging.info("mode %s: resuming from epoch %d in %s", mode, int(state.epoch), run_dir)
+  else:
+    state = state.replace(prev_val_accuracy=eval_fn(state.params, state.batch_stats, val_set))
+  state = jax.device_put(state, repl)
+
+  start = int(state.epoch)
+  bar = tqdm(total=epochs, initial=start, desc=f"{mode:>12}", unit="epoch",
+             disable=not progress, dynamic_ncols=True)
+  crash_after = int(config.debug.crash_after_epoch)
+  try:
+    for _ in range(start, epochs):
+      t0 = time.perf_counter()
+      state, metrics = run_epoch(state)
+      metrics = jax.device_get(metrics)
+      wall = time.perf_counter() - t0
+      e = int(state.epoch)
+      arm = int(metrics["arm"])
+      history["epochs"].append({
+          "epoch": e, "arm": arms.names[arm], "arm_index": arm,
+          "reward": float(metrics["reward"]), "val_accuracy": float(metrics["val_accuracy"]),
+          "train_loss": float(metrics["train_loss"]),
+          "train_accuracy": float(metrics["train_accuracy"]),
+          "images": int(metrics["images"]), "wall_time_s": wall})
+      ckpt.save(e, state, history)
+      bar.set_postfix(arm=arms.names[arm][:16], loss=f"{float(metrics['train_loss']):.3f}",
+                      acc=f"{float(metrics['train_accuracy']):.3f}",
+                      val=f"{float(metrics['val_accuracy']):.3f}")
+      bar.update(1)
+      if e == crash_after:
+        bar.close()
+        logging.warning("debug.crash_after_epoch=%d: hard exit to simulate a crash", e)
+        os._exit(17)  # pylint: disable=protected-access
+  finally:
+    bar.close()
+    ckpt.close()
+
+  best_params = state.best_params
+  best_bs = state.best_batch_stats
+  test_accuracy = float(eval_fn(best_params, best_bs, test_set))
+  final_test = float(eval_fn(state.params, state.batch_stats, test_set))
+  arm_rows = _arm_report(arms.names, state.bandit_state)
+  for row, size in zip(arm_rows, arms.sizes):
+    row["size"] = int(size)
+  results = {
+      "mode": mode,
+      "config": config_dict(config),
+      "fingerprint": fp,
+      "uses_bandit": uses_bandit,
+      "bandit": (config.bandit.name if mode == "bandit" and bandit is not None else
+                 mode.split(":", 1)[1] if mode.startswith("bandit:") else
+                 "uniform" if mode == "uniform" else "fixed"),
+      "arms": arm_rows,
+      "epochs": history["epochs"],
+      "epochs_completed": int(state.epoch),
+      "best_val_accuracy": float(state.best_val_accuracy),
+      "best_epoch": int(state.best_epoch),
+      "test_accuracy": test_accuracy,
+      "final_test_accuracy": final_test,
+      "images_seen": int(state.images_seen),
+      "wall_time_s": float(sum(r["wall_time_s"] for r in history["epochs"])),
+      "num_devices": parallel.mesh_size(mesh),
+      "data": inputs_lib.describe(inputs),
+      "skipped_files": inputs.skipped,
+  }
+  sio.atomic_write_json(results_path, results)
+  return results
+
+
+def comparison_rows(runs: dict[str, dict]) -> list[dict]:
+  return [{"mode": m, "test_accuracy": r["test_accuracy"],
+           "best_val_accuracy": r["best_val_accuracy"], "best_epoch": r["best_epoch"],
+           "images_seen": r["images_seen"], "wall_time_s": r["wall_time_s"],
+           "arms": len(r["arms"]),
+           "most_pulled_arm": max(r["arms"], key=lambda a: a["pulls"])["name"]}
+          for m, r in runs.items()]
+
+
+def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = True,
+        bandit: bandits_lib.Bandit | None = None,
+        reward_fn: epoch_lib.RewardFn | None = None, progress: bool = True,
+        inputs: inputs_lib.Inputs | None = None) -> dict:
+  """Runs every mode of config.train.modes into workdir and writes the report.
+
+  A `bandit` / `reward_fn` passed here is used by the "bandit" mode instead of the
+  configured one. Returns the dict written to WORKDIR/results.json.
+  """
+  workdir = Path(workdir)
+  modes = [m.strip() for m in str(config.train.modes).split(",") if m.strip()]
+  if not modes:
+    raise ValueError("config train.modes is empty")
+  dirs = [mode_dirname(m) for m in modes]
+  if len(set(dirs)) != len(dirs):
+    raise ValueError(f"config train.modes has duplicates: {modes}")
+  top = workdir / "results.json"
+  fp, _ = fingerprint(config)
+  if top.exists() and not overwrite:
+    done = sio.read_json(top)
+    if (done.get("fingerprint") == fp and done.get("modes") == modes and
+        all(r.get("epochs_completed", 0) >= int(config.train.epochs)
+            for r in done.get("runs", {}).values())):
+      print(f"{workdir} holds a finished run (results.json, report.md); nothing to do. "
+            f"Pass --overwrite to run it again or choose another --workdir.")
+      return done
+  if overwrite:
+    for d in dirs:
+      shutil.rmtree(workdir / d, ignore_errors=True)
+    for name in ("results.json", "report.md"):
+      (workdir / name).unlink(missing_ok=True)
+  workdir.mkdir(parents=True, exist_ok=True)
+  sio.atomic_write_json(workdir / "config.json", config_dict(config))
+
+  t0 = time.perf_counter()
+  if inputs is None:
+    inputs = inputs_lib.prepare_inputs(config, workdir, progress=progress)
+  if inputs.skipped:
+    logging.warning("%d unreadable files were skipped: %s", len(inputs.skipped),
+                    [s.get("path") for s in inputs.skipped[:10]])
+  runs = {}
+  for mode, d in zip(modes, dirs):
+    runs[mode] = train_mode(
+        config, inputs, mode, workdir / d, resume=resume, progress=progress,
+        bandit=bandit if mode == "bandit" else None,
+        reward_fn=reward_fn)
+  summary = {
+      "fingerprint": fp,
+      "modes": modes,
+      "config": config_dict(config),
+      "data": inputs_lib.describe(inputs),
+      "comparison": comparison_rows(runs),
+      "runs": runs,
+      "skipped_files": inputs.skipped,
+      "wall_time_s": time.perf_counter() - t0,
+  }
+  sio.atomic_write_json(top, summary)
+  report_lib.write_report(workdir, summary)
+  return summary

@@ -1,0 +1,157 @@
+"""End-to-end runs of the trainer: outputs, resume after a hard kill, finished workdirs,
+config mismatches, bad input (class mismatch, corrupt pool files, unknown config keys)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from synthbandit_jax.data import pool as pool_lib
+from synthbandit_jax.training import trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = ("mode", "config", "arms", "epochs", "best_val_accuracy", "test_accuracy",
+            "images_seen", "wall_time_s", "skipped_files")
+
+
+def _launch(workdir, *overrides, check=True):
+  cmd = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py",
+         f"--workdir={workdir}", "--noprogress", *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  config = tiny.get_config()
+  summary = trainer.run(config, workdir, progress=False)
+  return workdir, config, summary
+
+
+def test_outputs(finished):
+  workdir, config, summary = finished
+  assert summary["modes"] == ["real", "bandit"]
+  for mode in ("real", "bandit"):
+    r = json.loads((workdir / mode / "results.json").read_text())
+    for key in REQUIRED:
+      assert key in r, key
+    assert len(r["epochs"]) == config.train.epochs
+    assert sum(a["pulls"] for a in r["arms"]) == config.train.epochs
+    assert r["images_seen"] == sum(e["images"] for e in r["epochs"])
+    assert 0.0 <= r["test_accuracy"] <= 1.0
+    assert r["best_val_accuracy"] == max(e["val_accuracy"] for e in r["epochs"])
+  real = summary["runs"]["real"]
+  assert real["test_accuracy"] > 0.6  # 8x8 digits are easy; a broken loop stays near 0.1
+  bandit = summary["runs"]["bandit"]
+  names = [a["name"] for a in bandit["arms"]]
+  assert "clean" in names and "random" in names and "wrong_label" in names
+  # UCB1 explores every arm once first, in order (4 epochs < 8 arms: the first four).
+  assert [e["arm"] for e in bandit["epochs"]] == names[:4]
+  # Arms are capped at k = 10 per class.
+  assert all(a["size"] <= 10 * 10 for a in bandit["arms"])
+  report = (workdir / "report.md").read_text()
+  assert "| real |" in report and "| bandit |" in report
+  assert (workdir / "val_accuracy.png").stat().st_size > 1000
+  assert (workdir / "arms_bandit.png").stat().st_size > 1000
+
+
+def test_finished_workdir_says_so_and_stops(finished, capsys):
+  workdir, config, summary = finished
+  again = trainer.run(config, workdir, progress=False)
+  assert "holds a finished run" in capsys.readouterr().out
+  assert again["comparison"] == summary["comparison"]
+  with pytest.raises(trainer.FinishedRunError, match="--overwrite"):
+    trainer.train_mode(config, None, "real", workdir / "real", if_finished="error")
+
+
+def test_resume_after_hard_kill_equals_uninterrupted(tmp_path):
+  full = tmp_path / "full"
+  _launch(full, "--config.train.modes=bandit")
+  killed = tmp_path / "killed"
+  proc = _launch(killed, "--config.train.modes=bandit", "--config.debug.crash_after_epoch=2",
+                 check=False)
+  assert proc.returncode == 17, proc.stderr[-3000:]
+  assert not (killed / "bandit" / "results.json").exists()
+  _launch(killed, "--config.train.modes=bandit")
+  a = json.loads((full / "bandit" / "results.json").read_text())
+  b = json.loads((killed / "bandit" / "results.json").read_text())
+  strip = lambda eps: [{k: v for k, v in e.items() if k != "wall_time_s"} for e in eps]
+  assert strip(a["epochs"]) == strip(b["epochs"])  # exact: same arms, rewards, losses
+  assert a["test_accuracy"] == b["test_accuracy"]
+  assert a["final_test_accuracy"] == b["final_test_accuracy"]
+  assert a["arms"] == b["arms"]
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+  workdir = tmp_path / "w"
+  proc = _launch(workdir, "--config.train.modes=real", "--config.debug.crash_after_epoch=1",
+                 check=False)
+  assert proc.returncode == 17
+  proc = _launch(workdir, "--config.train.modes=real", "--config.optim.learning_rate=0.5",
+                 check=False)
+  assert proc.returncode != 0
+  assert "optim.learning_rate" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_unknown_config_key_lists_valid_keys(tmp_path):
+  proc = _launch(tmp_path / "w", "--config.bandit.cc=1.0", check=False)
+  assert proc.returncode != 0
+  assert "bandit.cc" in proc.stderr and "bandit.c\n" in proc.stderr
+
+
+def _user_pool(tmp_path, extra_class=None, corrupt=False):
+  """A small user pool in the pool format: digits-like 8x8 images."""
+  from sklearn.datasets import load_digits
+  d = load_digits()
+  root = tmp_path / "pool"
+  writer = pool_lib.PoolWriter(root)
+  imgs, rows = [], []
+  for i in range(300):
+    img = np.round(d.images[i] * 255 / 16).astype(np.uint8)[:, :, None]
+    imgs.append(img)
+    rows.append({"id": f"u{i:04d}", "class": str(d.target[i]), "source": "user",
+                 "extras": {}})
+  if extra_class:
+    imgs.append(imgs[0])
+    rows.append({"id": "odd", "class": extra_class, "source": "user", "extras": {}})
+  writer.write_shard(0, imgs, rows)
+  writer.finalize()
+  if corrupt:
+    bad = root / [r for r in pool_lib.read_pool_rows(root)[1] if r["id"] == "u0003"][0]["path"]
+    bad.write_bytes(b"not a png")
+  return root
+
+
+def _dir_config(root):
+  c = tiny.get_config()
+  c.pool.kind = "dir"
+  c.pool.path = str(root)
+  c.arms.source = "file"
+  c.train.modes = "synthetic"
+  c.train.epochs = 1
+  return c
+
+
+def test_pool_class_not_in_real_data_is_a_clear_error(tmp_path):
+  root = _user_pool(tmp_path, extra_class="zebra")
+  with pytest.raises(ValueError, match="zebra"):
+    trainer.run(_dir_config(root), tmp_path / "w", progress=False)
+
+
+def test_corrupt_pool_file_is_skipped_and_listed(tmp_path):
+  root = _user_pool(tmp_path, corrupt=True)
+  summary = trainer.run(_dir_config(root), tmp_path / "w", progress=False)
+  skipped = summary["runs"]["synthetic"]["skipped_files"]
+  assert [s["id"] for s in skipped] == ["u0003"]
+  assert summary["data"]["counts"]["pool"] == 299
+  assert "u0003" in (tmp_path / "w" / "report.md").read_text()
