@@ -37,6 +37,8 @@ optim.learning_rate, optim.momentum, optim.weight_decay, optim.schedule ("consta
 train.modes               comma list: real, synthetic, mixNN (NN = % synthetic), topk:COL,
                           group:NAME, bandit, bandit:ALGO, uniform
 train.epochs, train.batch_size, train.eval_batch_size
+train.warmup_epochs       bandit modes: first train this many epochs on the real split
+                          before the bandit plays (0 = off; the paper has none)
 bandit.name               ucb1 | discounted_ucb | sliding_window_ucb | exp3 | thompson |
                           epsilon_greedy | uniform
 bandit.c, gamma, window, exp3_gamma, epsilon, decay, prior_mean, prior_std, obs_std
@@ -107,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.epochs = 20
   c.train.batch_size = 32
   c.train.eval_batch_size = 500
+  c.train.warmup_epochs = 0
 
   c.bandit = ml_collections.ConfigDict()
   c.bandit.name = "ucb1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +31,21 @@ def _build(name, num_classes, **kwargs):
   return clf.build_classifier(name, num_classes, **kwargs)
 
 
+# Small models shared by the BatchNorm / freezing / bfloat16 tests: 3 classes,
+# initialised once per module for (1, 8, 8, 3) inputs (init compiles dominate).
+_SHARED = {"tiny_resnet": {}, "small_cnn": {}, "vgg": {}, "vit": {"depth": 2}}
+_SHARED_SHAPE = (1, 8, 8, 3)
+
+
+@pytest.fixture(scope="module")
+def shared_variables():
+  """name -> variables of `_build(name, 3, **_SHARED[name])`."""
+  keys = jax.random.split(jax.random.key(11), len(_SHARED))
+  return {name: clf.init_variables(_build(name, 3, **kwargs), key,
+                                   _SHARED_SHAPE)
+          for (name, kwargs), key in zip(_SHARED.items(), keys)}
+
+
 def _abstract_params(model, shape):
   """Param shapes via jax.eval_shape (no memory, no compute)."""
   init = functools.partial(model.init, train=False)
@@ -44,8 +60,9 @@ _HAS_BATCH_NORM = {"small_cnn": False, "resnet18": True, "resnet50": True,
 
 
 @pytest.mark.parametrize("name", sorted(_HAS_BATCH_NORM))
-@pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 32, 32, 3)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,dtype", [((3, 28, 28, 1), jnp.float32),
+                                         ((2, 32, 32, 3), jnp.float32),
+                                         ((2, 32, 32, 3), jnp.bfloat16)])
 def test_output_shape_and_dtype_abstract(name, shape, dtype):
   # Exact shapes/dtypes at the full sizes via abstract evaluation (no
   # compile); the compiled forward pass is checked below.
@@ -70,30 +87,48 @@ def test_output_shape_and_dtype_abstract(name, shape, dtype):
     assert leaf.dtype == jnp.float32  # params stay float32 in bf16 too.
 
 
-# Compiled forward passes; resnet50 / vit_small on a smaller input and batch.
+# Compiled forward passes (compile time dominates on CPU). resnet50 runs on a
+# smaller input and batch; vit_small shares all code with vit_tiny and is
+# covered by the abstract test above.
 _RUN_CASES = [
     ("small_cnn", (4, 28, 28, 1)),
     ("resnet18", (2, 32, 32, 3)),
     ("resnet50", (1, 16, 16, 1)),
     ("vgg", (4, 28, 28, 1)),
     ("vit_tiny", (2, 32, 32, 3)),
-    ("vit_small", (1, 16, 16, 3)),
 ]
+
+
+def _numpy_variables(model, shape):
+  """Variables with init's structure, filled by numpy (skips the slow XLA CPU
+  compile of the initialisers; `init_variables` is exercised elsewhere)."""
+  abstract = jax.eval_shape(functools.partial(model.init, train=False),
+                            jax.random.key(0),
+                            jax.ShapeDtypeStruct(shape, jnp.float32))
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      return jnp.ones(leaf.shape, leaf.dtype)
+    if name in ("bias", "mean"):
+      return jnp.zeros(leaf.shape, leaf.dtype)
+    fan_in = max(1, int(np.prod(leaf.shape[:-1])))
+    return jnp.asarray(rng.normal(0, fan_in**-0.5, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
 @pytest.mark.parametrize("name,shape", _RUN_CASES)
 def test_forward_pass_runs(name, shape):
   model = clf.build_classifier(name, 10)
-  k_init, k_x = jax.random.split(jax.random.key(0))
-  variables = clf.init_variables(model, k_init, (1,) + shape[1:])
-  x = _images(k_x, shape)
+  variables = _numpy_variables(model, (1,) + shape[1:])
+  x = _images(jax.random.key(0), shape)
   logits = jax.jit(functools.partial(model.apply, train=False))(variables, x)
   assert logits.shape == (shape[0], 10)
   assert logits.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(logits)))
   assert float(jnp.std(logits)) > 0.0  # not a constant / dead network.
-  for leaf in jax.tree.leaves(variables):
-    assert leaf.dtype == jnp.float32
 
 
 def test_head_is_dense_on_pooled_features():
@@ -149,13 +184,11 @@ def test_vit_auto_patch_size(size, patch):
 # ------------------------------------------------------------ BatchNorm ---
 
 
-@pytest.mark.parametrize("name,kwargs", [("tiny_resnet", {}),
-                                         ("vgg", {"stages": ((8,), (16,))})])
-def test_batch_stats_update_only_in_train(name, kwargs):
-  model = _build(name, 5, **kwargs)
-  k_init, k_x = jax.random.split(jax.random.key(1))
-  variables = clf.init_variables(model, k_init, (1, 16, 16, 3))
-  x = _images(k_x, (8, 16, 16, 3))
+@pytest.mark.parametrize("name", ["tiny_resnet", "vgg"])
+def test_batch_stats_update_only_in_train(name, shared_variables):
+  model = _build(name, 3, **_SHARED[name])
+  variables = shared_variables[name]
+  x = _images(jax.random.key(1), (8, 8, 8, 3))
 
   apply = jax.jit(model.apply, static_argnames=("train", "mutable"))
   _, train_state = apply(variables, x, train=True, mutable=("batch_stats",))
@@ -163,27 +196,26 @@ def test_batch_stats_update_only_in_train(name, kwargs):
                          variables["batch_stats"], train_state["batch_stats"])
   assert all(jax.tree.leaves(changed))  # every mean/var moved.
 
-  _, eval_state = apply(variables, x, train=False, mutable=("batch_stats",))
+  out1, eval_state = apply(variables, x, train=False,
+                           mutable=("batch_stats",))
   same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)),
                       variables["batch_stats"], eval_state["batch_stats"])
   assert all(jax.tree.leaves(same))
 
-  out1 = apply(variables, x, train=False)
-  out2 = apply(variables, x, train=False)
+  out2, _ = apply(variables, x, train=False, mutable=("batch_stats",))
   np.testing.assert_array_equal(np.asarray(out1), np.asarray(out2))
   # Eval uses running averages: a sample's logits do not depend on the batch.
-  single = apply(variables, x[:1], train=False)
+  single, _ = apply(variables, x[:1], train=False, mutable=("batch_stats",))
   np.testing.assert_allclose(np.asarray(single[0]), np.asarray(out1[0]),
                              rtol=1e-5, atol=1e-5)
 
 
-def test_batch_norm_running_average_momentum():
+def test_batch_norm_running_average_momentum(shared_variables):
   # Independent check of momentum 0.9: new_mean = 0.9 * old + 0.1 * batch_mean
   # on the stem BN of a small-input ResNet (input to that BN = stem conv out).
   model = _build("tiny_resnet", 3)
-  k_init, k_x = jax.random.split(jax.random.key(2))
-  variables = clf.init_variables(model, k_init, (1, 8, 8, 1))
-  x = _images(k_x, (4, 8, 8, 1))
+  variables = shared_variables["tiny_resnet"]
+  x = _images(jax.random.key(2), (4, 8, 8, 3))
   _, state = jax.jit(functools.partial(model.apply, train=True,
                                        mutable=["batch_stats"]))(variables, x)
   kernel = variables["params"]["backbone"]["conv_init"]["kernel"]
@@ -203,7 +235,7 @@ def _xent(logits, labels):
 
 
 def test_trainable_mask_values():
-  model = _build("tiny_resnet", 4)
+  model = _build("tiny_resnet", 3)
   params = _abstract_params(model, (1, 8, 8, 3))
   head_mask = clf.trainable_mask(params, "head")
   flat = jax.tree_util.tree_flatten_with_path(head_mask)[0]
@@ -211,20 +243,23 @@ def test_trainable_mask_values():
     assert value == (path[0].key == "head"), path
   assert sum(v for _, v in flat) == 2  # head kernel + bias.
   assert all(jax.tree.leaves(clf.trainable_mask(params, "all")))
-  assert (jax.tree.structure(head_mask) == jax.tree.structure(params))
+  assert jax.tree.structure(head_mask) == jax.tree.structure(params)
+  frozen = flax.core.freeze(params)  # container type is preserved.
+  assert (jax.tree.structure(clf.trainable_mask(frozen, "head")) ==
+          jax.tree.structure(frozen))
   with pytest.raises(ValueError, match="'all' or 'head'"):
     clf.trainable_mask(params, "backbone")
   with pytest.raises(ValueError, match="head"):
     clf.trainable_mask({"params": params}, "head")
 
 
-def test_frozen_backbone_sgd_changes_only_head():
-  model = _build("tiny_resnet", 4, frozen_backbone=True)
-  k_init, k_x, k_y = jax.random.split(jax.random.key(3), 3)
-  variables = clf.init_variables(model, k_init, (1, 8, 8, 3))
+def test_frozen_backbone_sgd_changes_only_head(shared_variables):
+  model = _build("tiny_resnet", 3, frozen_backbone=True)
+  variables = shared_variables["tiny_resnet"]
   params, stats = variables["params"], variables["batch_stats"]
+  k_x, k_y = jax.random.split(jax.random.key(3))
   x = _images(k_x, (8, 8, 8, 3))
-  y = jax.random.randint(k_y, (8,), 0, 4)
+  y = jax.random.randint(k_y, (8,), 0, 3)
 
   labels = jax.tree.map(lambda m: "train" if m else "freeze",
                         clf.trainable_mask(params, "head"))
@@ -258,20 +293,16 @@ def test_frozen_backbone_sgd_changes_only_head():
   assert not np.array_equal(params["head"]["bias"], new_params["head"]["bias"])
 
 
-@pytest.mark.parametrize("name,kwargs", [("tiny_resnet", {}),
-                                         ("small_cnn", {}),
-                                         ("vit", {"depth": 1})])
-def test_frozen_backbone_gradients_are_zero(name, kwargs):
-  k_init, k_x, k_y = jax.random.split(jax.random.key(4), 3)
+@pytest.mark.parametrize("name", ["tiny_resnet", "small_cnn", "vit"])
+def test_frozen_backbone_gradients_are_zero(name, shared_variables):
+  k_x, k_y = jax.random.split(jax.random.key(4))
   x = _images(k_x, (4, 8, 8, 3))
   y = jax.random.randint(k_y, (4,), 0, 3)
-
   # Frozen and trainable variants share the same variable structure.
-  variables = clf.init_variables(_build(name, 3, **kwargs), k_init,
-                                 (1, 8, 8, 3))
+  variables = shared_variables[name]
 
   def grads_for(frozen):
-    model = _build(name, 3, frozen_backbone=frozen, **kwargs)
+    model = _build(name, 3, frozen_backbone=frozen, **_SHARED[name])
     rest = {k: v for k, v in variables.items() if k != "params"}
 
     def loss_fn(p):
@@ -322,24 +353,21 @@ def test_small_cnn_overfits_tiny_batch():
 # ------------------------------------------------------------- bfloat16 ---
 
 
-@pytest.mark.parametrize("name,kwargs", [("small_cnn", {}),
-                                         ("tiny_resnet", {}),
-                                         ("vgg", {}),
-                                         ("vit", {"depth": 2})])
-def test_bfloat16_compute_close_to_float32(name, kwargs):
-  k_init, k_x = jax.random.split(jax.random.key(6))
-  x = _images(k_x, (4, 28, 28, 1))
-  m32 = _build(name, 10, **kwargs)
-  m16 = _build(name, 10, dtype=jnp.bfloat16, **kwargs)
-  variables = clf.init_variables(m32, k_init, (1, 28, 28, 1))
+@pytest.mark.parametrize("name", sorted(_SHARED))
+def test_bfloat16_compute_close_to_float32(name, shared_variables):
+  x = _images(jax.random.key(6), (4, 8, 8, 3))
+  m32 = _build(name, 3, **_SHARED[name])
+  m16 = _build(name, 3, dtype=jnp.bfloat16, **_SHARED[name])
+  variables = shared_variables[name]
   out32 = jax.jit(functools.partial(m32.apply, train=False))(variables, x)
   out16 = jax.jit(functools.partial(m16.apply, train=False))(variables, x)
   assert out16.dtype == jnp.float32
   # Tolerance: bfloat16 keeps 8 mantissa bits (rel. step 2**-8 ~ 0.4%);
-  # errors accumulate over layers, so allow 5% of the logit scale.
+  # errors accumulate over layers, so allow 3% of the largest |logit|
+  # (observed: 0.4-0.9%).
   scale = float(jnp.max(jnp.abs(out32)))
   np.testing.assert_allclose(np.asarray(out16), np.asarray(out32),
-                             atol=0.05 * scale + 1e-3, rtol=0)
+                             atol=0.03 * scale + 1e-3, rtol=0)
   assert not np.array_equal(np.asarray(out16), np.asarray(out32))
 
 

@@ -18,6 +18,8 @@ DN = ("NHWC", "HWIO", "NHWC")
     ((2, 2), ((3, 3), (3, 3)), (1, 1), 7),
     ((1, 1), "VALID", (2, 2), 3),
     ((1, 2), ((1, 0), (0, 2)), (1, 1), 2),
+    ((1, 1), ((2, 0), (0, 1)), (1, 1), 3),
+    ((1, 1), ((0, 0), (1, 1)), (2, 1), 2),
 ])
 def test_matches_lax(strides, padding, dilation, k):
   rng = np.random.default_rng(0)

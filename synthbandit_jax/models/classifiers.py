@@ -11,8 +11,8 @@ Each model is made of a submodule named ``backbone`` (returns pooled features
 [N, D]) and an ``nn.Dense`` named ``head``. With ``frozen_backbone=True`` the
 backbone always runs in inference mode (BatchNorm uses its running averages and
 never updates them) and its features pass through ``jax.lax.stop_gradient``, so
-only the head receives gradients. Combine with ``trainable_mask(params, "head")``
-in the optimizer so that weight decay or momentum cannot move the backbone either.
+only the head receives gradients. Combine with ``trainable_mask(params,
+"head")`` in the optimizer so weight decay or momentum cannot move the backbone.
 
 ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16`` on GPU/TPU); parameters
 always stay float32 and logits are always returned as float32.
@@ -20,6 +20,7 @@ always stay float32 and logits are always returned as float32.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 import math
@@ -28,6 +29,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from synthbandit_jax.models import conv as conv_lib
 
 Dtype = Any
 PyTree = Any
@@ -67,10 +70,17 @@ def _backbone_then_head(backbone: nn.Module, head: nn.Module, x: jax.Array,
 
 
 def _max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 max-pool; a no-op on maps already smaller than 2x2."""
-  if x.shape[1] < 2 or x.shape[2] < 2:
+  """2x2 stride-2 max-pool (VALID: an odd last row/column is dropped); a no-op on maps
+  already smaller than 2x2.
+
+  Written as reshape + max rather than `nn.max_pool`: same values and gradients, but its
+  gradient avoids XLA's select-and-scatter, which is ~4x slower on CPU.
+  """
+  n, h, w, c = x.shape
+  if h < 2 or w < 2:
     return x
-  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+  h2, w2 = h // 2, w // 2
+  return x[:, :2 * h2, :2 * w2].reshape(n, h2, 2, w2, 2, c).max(axis=(2, 4))
 
 
 def _batch_norm(dtype: Dtype, train: bool, name: str,
@@ -88,6 +98,11 @@ def _head(num_classes: int, dtype: Dtype) -> nn.Dense:
                   name="head")
 
 
+# Every convolution goes through conv_lib.conv_general_dilated: lax's convolution, except
+# that on CPU its kernel gradient is an image-patches matmul, which XLA:CPU runs ~50x
+# faster inside the jitted epoch's lax.scan (see models/conv.py).
+_Conv = functools.partial(nn.Conv, conv_general_dilated=conv_lib.conv_general_dilated)
+
 # --------------------------------------------------------------------------
 # SmallCNN.
 # --------------------------------------------------------------------------
@@ -104,8 +119,8 @@ class _SmallCNNBackbone(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # No train-dependent layers.
     for i, features in enumerate(self.conv_features):
-      x = nn.Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
-                  param_dtype=_PARAM_DTYPE, name=f"conv{i}")(x)
+      x = _Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
+                param_dtype=_PARAM_DTYPE, name=f"conv{i}")(x)
       x = nn.relu(x)
       x = _max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
@@ -147,10 +162,10 @@ def _conv(features: int, kernel: int, stride: int, dtype: Dtype,
           name: str) -> nn.Conv:
   """Bias-free conv with torch-style symmetric padding kernel // 2."""
   pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 dtype=dtype, param_dtype=_PARAM_DTYPE, kernel_init=_conv_init,
-                 name=name)
+  return _Conv(features, (kernel, kernel), strides=(stride, stride),
+               padding=((pad, pad), (pad, pad)), use_bias=False,
+               dtype=dtype, param_dtype=_PARAM_DTYPE, kernel_init=_conv_init,
+               name=name)
 
 
 class _BasicBlock(nn.Module):
@@ -288,13 +303,13 @@ class ResNet(nn.Module):
                                self.frozen_backbone)
 
 
-def ResNet18(num_classes: int, **kwargs: Any) -> ResNet:  # pylint: disable=invalid-name
+def ResNet18(num_classes: int, **kwargs: Any) -> ResNet:  # pylint: disable=C0103
   """ResNet-18: basic blocks, stages (2, 2, 2, 2)."""
   return ResNet(num_classes=num_classes, stage_sizes=(2, 2, 2, 2),
                 block="basic", **kwargs)
 
 
-def ResNet50(num_classes: int, **kwargs: Any) -> ResNet:  # pylint: disable=invalid-name
+def ResNet50(num_classes: int, **kwargs: Any) -> ResNet:  # pylint: disable=C0103
   """ResNet-50: bottleneck blocks, stages (3, 4, 6, 3)."""
   return ResNet(num_classes=num_classes, stage_sizes=(3, 4, 6, 3),
                 block="bottleneck", **kwargs)
@@ -317,11 +332,10 @@ class _VGGBackbone(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i, stage in enumerate(self.stages):
       for j, features in enumerate(stage):
-        x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)),
-                    use_bias=not self.use_batchnorm, dtype=self.dtype,
-                    param_dtype=_PARAM_DTYPE,
-                    kernel_init=_conv_init,
-                    name=f"stage{i + 1}_conv{j + 1}")(x)
+        x = _Conv(features, (3, 3), padding=((1, 1), (1, 1)),
+                  use_bias=not self.use_batchnorm, dtype=self.dtype,
+                  param_dtype=_PARAM_DTYPE, kernel_init=_conv_init,
+                  name=f"stage{i + 1}_conv{j + 1}")(x)
         if self.use_batchnorm:
           x = _batch_norm(self.dtype, train, f"stage{i + 1}_bn{j + 1}")(x)
         x = nn.relu(x)
@@ -372,7 +386,7 @@ _dense_init = nn.initializers.xavier_uniform()
 
 
 def _resolve_patch_size(patch_size: int | str, height: int, width: int) -> int:
-  """Resolves ViT.patch_size ("auto": 2 up to 16 px, 4 up to 32, 8 up to 64, else 16)."""
+  """Resolves ViT.patch_size ("auto": 2 / 4 / 8 / 16 up to 16 / 32 / 64 / more px)."""
   if isinstance(patch_size, int) and not isinstance(patch_size, bool):
     if patch_size < 1:
       raise ValueError(f"ViT.patch_size must be >= 1; got {patch_size}.")
@@ -452,9 +466,9 @@ class _ViTBackbone(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train  # No train-dependent layers (no dropout).
     p = self.patch_size
-    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID",
-                dtype=self.dtype, param_dtype=_PARAM_DTYPE,
-                name="patch_embed")(x)
+    x = _Conv(self.hidden_dim, (p, p), strides=(p, p), padding="VALID",
+              dtype=self.dtype, param_dtype=_PARAM_DTYPE,
+              name="patch_embed")(x)
     batch, h, w, dim = x.shape
     x = x.reshape(batch, h * w, dim)
     cls = self.param("cls_token", nn.initializers.zeros, (1, 1, dim),
@@ -564,7 +578,8 @@ def build_classifier(name: str, num_classes: int, *, dtype: Dtype = jnp.float32,
     raise ValueError(f"Unknown classifier {name!r}; valid names: "
                      f"{', '.join(CLASSIFIER_NAMES)}.")
   if not isinstance(num_classes, int) or num_classes < 1:
-    raise ValueError(f"num_classes must be a positive int; got {num_classes!r}.")
+    raise ValueError(
+        f"num_classes must be a positive int; got {num_classes!r}.")
   cls, fixed = _REGISTRY[name]
   allowed = sorted(f.name for f in dataclasses.fields(cls)
                    if f.name not in _COMMON_FIELDS and f.name not in fixed)
@@ -620,13 +635,14 @@ def trainable_mask(params: PyTree, trainable: str) -> PyTree:
   if trainable == "all":
     return jax.tree.map(lambda _: True, params)
   if trainable == "head":
-    if not isinstance(params, dict) or "head" not in params:
-      keys = list(params) if isinstance(params, dict) else type(params).__name__
+    is_mapping = isinstance(params, collections.abc.Mapping)
+    if not is_mapping or "head" not in params:
+      keys = list(params) if is_mapping else type(params).__name__
       raise ValueError("trainable_mask(..., 'head') needs the classifier's "
                        f"'params' collection with a 'head' entry; got {keys}. "
                        "Pass variables['params'], not the whole variables.")
-    return {k: jax.tree.map(lambda _, is_head=(k == "head"): is_head, v)
-            for k, v in params.items()}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[0], "key", None) == "head", params)
   raise ValueError(f"trainable must be 'all' or 'head'; got {trainable!r}.")
 
 

@@ -8,10 +8,12 @@ affected.
 
 `conv_general_dilated` below is a drop-in for `lax.conv_general_dilated` (pass it to
 `flax.linen.Conv(conv_general_dilated=...)`): on CPU, for NHWC/HWIO convolutions without
-groups or input dilation, it computes the same forward pass and input gradient with `lax`,
-and the kernel gradient as an image-patches matmul,
+groups or input dilation, it computes the same forward pass with `lax`, the input gradient
+of stride-1 convolutions as a canonical convolution with the flipped kernel (lax's own
+transpose rule otherwise),
+and the kernel gradient as one matmul over shifted (strided-slice) views of the input,
 
-    dW[i, j, c, o] = sum_{n, h, w} patches(x)[n, h, w, c, i, j] * dy[n, h, w, o],
+    dW[i, j, c, o] = sum_{n, h, w} x_pad[n, h*s + i*d, w*s + j*d, c] * dy[n, h, w, o],
 
 which XLA:CPU runs at full speed inside loops. Elsewhere (GPU, TPU, other layouts) it is
 `lax.conv_general_dilated` itself. Gradients agree with lax's to float rounding (tested).
@@ -61,18 +63,55 @@ def _conv_fwd(x, w, strides, padding, rhs_dilation, precision):
 
 def _conv_bwd(strides, padding, rhs_dilation, precision, res, dy):
   x, w = res
-  _, x_vjp = jax.vjp(
-      lambda x_: lax.conv_general_dilated(x_, w, strides, padding, rhs_dilation=rhs_dilation,
-                                          dimension_numbers=_NHWC, precision=precision), x)
-  (dx,) = x_vjp(dy)
-  kh, kw, c, o = w.shape
-  patches = lax.conv_general_dilated_patches(
-      x, (kh, kw), strides, padding, rhs_dilation=rhs_dilation,
-      dimension_numbers=_NHWC, precision=precision)  # [N, H', W', C*kh*kw], (c, i, j) order
-  patches = patches.reshape(patches.shape[:3] + (c, kh, kw))
-  dw = jnp.einsum("nhwcij,nhwo->ijco", patches, dy.astype(patches.dtype),
-                  preferred_element_type=jnp.float32, precision=precision)
+  if all(s == 1 for s in strides):
+    # Stride 1: the input gradient is a plain NHWC/HWIO convolution of dy with the
+    # spatially flipped, in/out-swapped kernel (canonical layouts run fast in loops too).
+    kh, kw = w.shape[:2]
+    pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides, rhs_dilation)
+    eff = [(k - 1) * d + 1 for k, d in zip((kh, kw), rhs_dilation)]
+    tpads = tuple((e - 1 - lo, e - 1 - hi) for e, (lo, hi) in zip(eff, pads))
+    w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = lax.conv_general_dilated(dy.astype(w.dtype), w_t, (1, 1), tpads,
+                                  rhs_dilation=rhs_dilation, dimension_numbers=_NHWC,
+                                  precision=precision)
+  else:
+    _, x_vjp = jax.vjp(
+        lambda x_: lax.conv_general_dilated(x_, w, strides, padding, rhs_dilation=rhs_dilation,
+                                            dimension_numbers=_NHWC, precision=precision), x)
+    (dx,) = x_vjp(dy)
+  dw = _kernel_grad(x, dy, w.shape, strides, padding, rhs_dilation, precision)
   return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+def _explicit_padding(padding, in_hw, k_hw, strides, dilation):
+  if isinstance(padding, str):
+    eff = [(k - 1) * d + 1 for k, d in zip(k_hw, dilation)]
+    return tuple(lax.padtype_to_pads(in_hw, eff, strides, padding))
+  return padding
+
+
+def _kernel_grad(x, dy, w_shape, strides, padding, dilation, precision):
+  """dW[i, j, c, o] = sum_{n,h,w} x_pad[n, h*s + i*d, w*s + j*d, c] * dy[n, h, w, o].
+
+  The shifted views of x are strided slices (data movement only); the sum over (n, h, w)
+  is one matmul [kh*kw*C, N*H'*W'] x [N*H'*W', O].
+  """
+  kh, kw, c, o = w_shape
+  n, ho, wo, _ = dy.shape
+  pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides, dilation)
+  xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  sh, sw = strides
+  dh, dw_ = dilation
+  views = []
+  for i in range(kh):
+    for j in range(kw):
+      views.append(lax.slice(
+          xp, (0, i * dh, j * dw_, 0),
+          (n, i * dh + (ho - 1) * sh + 1, j * dw_ + (wo - 1) * sw + 1, c), (1, sh, sw, 1)))
+  patches = jnp.stack(views, axis=-2).reshape(n * ho * wo, kh * kw * c)  # (i, j, c) order
+  grad = jnp.dot(patches.T, dy.reshape(n * ho * wo, o).astype(patches.dtype),
+                 precision=precision, preferred_element_type=jnp.float32)
+  return grad.reshape(kh, kw, c, o)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)

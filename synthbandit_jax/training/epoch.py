@@ -178,7 +178,7 @@ def evaluate(model: nn.Module, params, batch_stats, data: EvalSet,
 
 
 def plan_epoch(bandit: bandits_lib.Bandit, state: TrainState, arms: ArmArrays,
-               batch_size: int):
+               batch_size: int, warmup_epochs: int = 0):
   """Bandit picks the arm; returns its shuffled batches.
 
   Returns (state with a fresh rng, arm, batch_idx [S, B], loss_mask [S, B], n_steps,
@@ -186,6 +186,10 @@ def plan_epoch(bandit: bandits_lib.Bandit, state: TrainState, arms: ArmArrays,
   """
   rng, k_select, k_perm = jax.random.split(state.rng, 3)
   arm = jnp.asarray(bandit.select(state.bandit_state, k_select), jnp.int32)
+  if warmup_epochs > 0:
+    # Warm-up epochs train on the extra last arm row (e.g. the real train split) before
+    # the bandit plays: early val accuracy mostly measures training progress, not arms.
+    arm = jnp.where(state.epoch < warmup_epochs, arms.indices.shape[0] - 1, arm)
   idx = arms.indices[arm]
   valid = arms.mask[arm]
   k = idx.shape[0]
@@ -201,10 +205,15 @@ def plan_epoch(bandit: bandits_lib.Bandit, state: TrainState, arms: ArmArrays,
 
 
 def finish_epoch(bandit: bandits_lib.Bandit, reward_fn: RewardFn, state: TrainState,
-                 arm: jax.Array, val_accuracy: jax.Array, n_images: jax.Array):
+                 arm: jax.Array, val_accuracy: jax.Array, n_images: jax.Array,
+                 warmup_epochs: int = 0):
   """Reward, bandit update and best-val bookkeeping. Returns (state, reward)."""
   reward = jnp.asarray(reward_fn(val_accuracy, state.prev_val_accuracy), jnp.float32)
   bandit_state = bandit.update(state.bandit_state, arm, reward)
+  if warmup_epochs > 0:
+    in_warmup = state.epoch < warmup_epochs
+    bandit_state = jax.tree.map(lambda old, new: jnp.where(in_warmup, old, new),
+                                state.bandit_state, bandit_state)
   improved = val_accuracy > state.best_val_accuracy
   pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)
   epoch = state.epoch + 1
@@ -226,6 +235,9 @@ class EpochSpec:
   reward_fn: RewardFn
   batch_size: int
   mesh: Mesh | None = None
+  # > 0: the first `warmup_epochs` epochs train on the LAST arm row (not a bandit arm: the
+  # bandit is initialised with one arm fewer) and do not update the bandit.
+  warmup_epochs: int = 0
 
 
 def _epoch_metrics(arm, reward, val_accuracy, loss_sum, correct, count, n_images, n_steps):
@@ -241,7 +253,7 @@ def epoch_body(spec: EpochSpec, state: TrainState, bank: Bank, arms: ArmArrays,
                val: EvalSet):
   """One whole epoch as a traceable function (wrap it in `jax.jit`)."""
   state, arm, batch_idx, loss_mask, n_steps, n_images = plan_epoch(
-      spec.bandit, state, arms, spec.batch_size)
+      spec.bandit, state, arms, spec.batch_size, spec.warmup_epochs)
 
   def body(carry, xs):
     st, loss_sum, correct, count = carry
@@ -264,7 +276,7 @@ def epoch_body(spec: EpochSpec, state: TrainState, bank: Bank, arms: ArmArrays,
       body, (state, zero, zero, zero), (steps, batch_idx, loss_mask))
   val_accuracy = evaluate(spec.model, state.params, state.batch_stats, val, spec.mesh)
   state, reward = finish_epoch(spec.bandit, spec.reward_fn, state, arm, val_accuracy,
-                               n_images)
+                               n_images, spec.warmup_epochs)
   return state, _epoch_metrics(arm, reward, val_accuracy, loss_sum, correct, count,
                                n_images, n_steps)
 
@@ -310,13 +322,14 @@ class HostStreamingEpoch:
   def __init__(self, spec: EpochSpec, prefetch: int = 2):
     self.spec = spec
     self.prefetch = prefetch
-    self._plan = jax.jit(lambda st, arms: plan_epoch(spec.bandit, st, arms, spec.batch_size))
+    self._plan = jax.jit(lambda st, arms: plan_epoch(spec.bandit, st, arms, spec.batch_size,
+                                                     spec.warmup_epochs))
     self._step = jax.jit(lambda st, x, y, m: train_step(spec.model, spec.tx, st, x, y, m,
                                                         spec.mesh), donate_argnums=(0,))
     self._eval = jax.jit(lambda p, bs, x, y, m: eval_batch(spec.model, p, bs, x, y, m,
                                                            spec.mesh))
-    self._finish = jax.jit(lambda st, arm, acc, n: finish_epoch(spec.bandit, spec.reward_fn,
-                                                                st, arm, acc, n))
+    self._finish = jax.jit(lambda st, arm, acc, n: finish_epoch(
+        spec.bandit, spec.reward_fn, st, arm, acc, n, spec.warmup_epochs))
 
   def _put(self, x):
     if self.spec.mesh is None:

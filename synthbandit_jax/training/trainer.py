@@ -159,7 +159,14 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
                                    "config": config_dict(config), "mode": mode})
 
   named_arms, uses_bandit = inputs_lib.mode_arms(config, inputs, mode)
+  warmup = int(config.train.warmup_epochs) if uses_bandit else 0
+  if warmup < 0:
+    raise ValueError(f"config train.warmup_epochs must be >= 0, got {warmup}")
+  if warmup:
+    # The warm-up arm is the last row; the bandit only sees the arms before it.
+    named_arms = list(named_arms) + [("warmup:real", inputs.layout.real_rows)]
   arms = arms_lib.pad_arms(named_arms)
+  num_bandit_arms = arms.num_arms - (1 if warmup else 0)
   if uses_bandit:
     if mode == "uniform":
       bandit = bandits_lib.uniform()
@@ -193,7 +200,7 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   tx = optim_lib.make_optimizer(
       config.optim, probe["params"], steps_per_epoch * epochs,
       trainable="head" if config.model.frozen_backbone else "all")
-  state = epoch_lib.create_train_state(model, tx, bandit, arms.num_arms, rng, input_shape)
+  state = epoch_lib.create_train_state(model, tx, bandit, num_bandit_arms, rng, input_shape)
 
   repl = parallel.replicated(mesh)
   val_set = jax.device_put(epoch_lib.make_eval_set(inputs.val.images, inputs.val.labels,
@@ -202,7 +209,7 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
                                                     eval_batch_size), repl)
   arm_arrays = jax.device_put(epoch_lib.ArmArrays(arms.indices, arms.mask), repl)
   eval_fn = epoch_lib.make_eval_fn(model, mesh)
-  spec = epoch_lib.EpochSpec(model, tx, bandit, reward_fn, batch_size, mesh)
+  spec = epoch_lib.EpochSpec(model, tx, bandit, reward_fn, batch_size, mesh, warmup)
 
   on_device = bool(config.data.on_device)
   if on_device:
@@ -258,7 +265,10 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   best_bs = state.best_batch_stats
   test_accuracy = float(eval_fn(best_params, best_bs, test_set))
   final_test = float(eval_fn(state.params, state.batch_stats, test_set))
-  arm_rows = _arm_report(arms.names, state.bandit_state)
+  arm_rows = _arm_report(arms.names[:num_bandit_arms], state.bandit_state)
+  if warmup:
+    arm_rows.append({"name": arms.names[-1], "pulls": min(warmup, int(state.epoch)),
+                     "mean_reward": None})
   for row, size in zip(arm_rows, arms.sizes):
     row["size"] = int(size)
   results = {
