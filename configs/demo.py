@@ -25,15 +25,17 @@ def get_config(arg: str | None = None):
   c.data.test_fraction = 0.2
   c.data.holdout_fraction = 0.4
   c.pool.kind = "controlled"
-  c.pool.copies_per_image = 1
+  c.pool.copies_per_image = 4
   c.arms.source = "groups"
-  c.arms.k = 25
+  c.arms.k = 60
   c.arms.controls = "random"
+  c.arms.add_real = True
   c.train.modes = "real,synthetic,mix50,bandit"
   c.train.epochs = 20
   c.train.batch_size = 32
+  c.optim.learning_rate = 0.02
   c.bandit.name = "ucb1"
-  c.bandit.c = 1.0
+  c.bandit.c = 0.02
   c.bandit.reward = "accuracy"
   if arg == "paper":
     common.paper_bandit(c)

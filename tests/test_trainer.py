@@ -155,3 +155,16 @@ def test_corrupt_pool_file_is_skipped_and_listed(tmp_path):
   assert [s["id"] for s in skipped] == ["u0003"]
   assert summary["data"]["counts"]["pool"] == 299
   assert "u0003" in (tmp_path / "w" / "report.md").read_text()
+
+
+def test_seed_change_cannot_reuse_a_controlled_pool(tmp_path):
+  """Another seed gives other splits: its val/test may be in the old pool's holdout."""
+  c = tiny.get_config()
+  c.train.modes = "real"
+  c.train.epochs = 1
+  trainer.run(c, tmp_path, progress=False)
+  c.seed = 1
+  with pytest.raises(ValueError, match="--overwrite"):
+    trainer.run(c, tmp_path, progress=False)
+  summary = trainer.run(c, tmp_path, overwrite=True, progress=False)
+  assert summary["runs"]["real"]["config"]["seed"] == 1

@@ -88,15 +88,21 @@ def prepare_inputs(config, workdir: str | Path, progress: bool = True) -> Inputs
       raise ValueError("pool.kind='controlled' builds the pool from held-out real training "
                        "images, but data.holdout_fraction is 0: set it (e.g. 0.4)")
     root = Path(config.pool.path) if config.pool.path else workdir / "pool"
-    if not (root / pool_lib.METADATA_NAME).exists():
-      logging.info("building the controlled pool in %s from %d held-out images", root,
-                   len(holdout))
+    # Always called: it skips finished shards, and refuses a pool built from other
+    # arguments (e.g. another seed, whose holdout may overlap this seed's val/test).
+    logging.info("controlled pool in %s from %d held-out images", root, len(holdout))
+    try:
       controlled_lib.build_controlled_pool(
           holdout.images, holdout.labels, class_names, root, seed=int(config.seed),
           kinds=_csv(config.pool.kinds),
           severities=tuple(int(s) for s in _csv(config.pool.severities)),
           copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
           progress=progress)
+    except ValueError as e:
+      if "other arguments" not in str(e):
+        raise
+      raise ValueError(f"{e}. (With launch/train.py, --overwrite rebuilds the workdir's "
+                       f"pool; or pick another --workdir / pool.path.)") from e
   elif kind == "dir":
     if not config.pool.path:
       raise ValueError("pool.kind='dir' needs pool.path (a directory with metadata.jsonl)")

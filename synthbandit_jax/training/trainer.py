@@ -334,6 +334,8 @@ def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = 
   if overwrite:
     for d in dirs:
       shutil.rmtree(workdir / d, ignore_errors=True)
+    if config.pool.kind == "controlled" and not config.pool.path:
+      shutil.rmtree(workdir / "pool", ignore_errors=True)  # rebuilt for this config
     for name in ("results.json", "report.md"):
       (workdir / name).unlink(missing_ok=True)
   workdir.mkdir(parents=True, exist_ok=True)
