@@ -168,3 +168,73 @@ def test_seed_change_cannot_reuse_a_controlled_pool(tmp_path):
     trainer.run(c, tmp_path, progress=False)
   summary = trainer.run(c, tmp_path, overwrite=True, progress=False)
   assert summary["runs"]["real"]["config"]["seed"] == 1
+
+
+def test_user_score_table_drives_topk_and_bandit_arms(tmp_path):
+  from synthbandit_jax.data import scores as scores_lib
+  from synthbandit_jax.training import inputs as inputs_lib
+  c = tiny.get_config()
+  inputs = inputs_lib.prepare_inputs(c, tmp_path, progress=False)  # builds the pool
+  rows = inputs.pool.rows
+  sev = np.array([r["extras"]["severity"] for r in rows], float)
+  wrong = np.array([r["extras"]["kind"] == "wrong_label" for r in rows])
+  bad = sev + 5.0 * wrong  # a distance-like column: lower is better
+  table = scores_lib.ScoreTable(
+      ids=list(inputs.pool.ids)[::-1],  # another order: the loader aligns by id
+      columns={"quality": (-bad)[::-1], "fid_like": bad[::-1]},
+      directions={"quality": "higher", "fid_like": "lower"})
+  path = scores_lib.save_score_table(tmp_path / "scores.csv", table)
+  c.scores.path = str(path)
+  c.arms.source = "scores"
+  c.arms.controls = ""
+  c.arms.k = 5
+  c.train.modes = "topk:fid_like,bandit"
+  c.train.epochs = 2
+  summary = trainer.run(c, tmp_path, progress=False)
+  topk = summary["runs"]["topk:fid_like"]
+  assert [a["name"] for a in topk["arms"]] == ["top:fid_like"]
+  bandit = summary["runs"]["bandit"]
+  assert [a["name"] for a in bandit["arms"]] == ["top:quality", "top:fid_like"]
+  # Both rankings pick the same images (opposite directions of the same score): the best
+  # 5 per class, never a wrong label.
+  inp = inputs_lib.prepare_inputs(c, tmp_path, progress=False)
+  arms = dict(inputs_lib.candidate_arms(c, inp))
+  assert sorted(arms["top:quality"].tolist()) == sorted(arms["top:fid_like"].tolist())
+  chosen = arms["top:quality"]
+  assert not wrong[chosen].any()
+  for cls in range(10):
+    in_class = np.flatnonzero(inputs.pool.labels == cls)
+    best = np.sort(bad[in_class])[:5]
+    assert np.array_equal(np.sort(bad[np.intersect1d(chosen, in_class)]), best)
+
+
+def test_host_streaming_run_matches_on_device_run(tmp_path):
+  c = tiny.get_config()
+  c.train.modes = "bandit"
+  c.train.epochs = 3
+  a = trainer.run(c, tmp_path / "a", progress=False)["runs"]["bandit"]
+  c.data.on_device = False
+  b = trainer.run(c, tmp_path / "b", progress=False)["runs"]["bandit"]
+  assert [e["arm"] for e in a["epochs"]] == [e["arm"] for e in b["epochs"]]
+  np.testing.assert_allclose([e["val_accuracy"] for e in a["epochs"]],
+                             [e["val_accuracy"] for e in b["epochs"]], atol=2e-3)
+  np.testing.assert_allclose([e["train_loss"] for e in a["epochs"]],
+                             [e["train_loss"] for e in b["epochs"]], rtol=1e-3)
+
+
+def test_class_mismatch_intersect_option(tmp_path):
+  root = _user_pool(tmp_path, extra_class="zebra")
+  # Keep only digits 0-4 in the pool (rewrite its metadata without the other rows).
+  meta = root / pool_lib.METADATA_NAME
+  rows = [json.loads(l) for l in meta.read_text().splitlines() if l.strip()]
+  keep = [r for r in rows if r["class"] in {"0", "1", "2", "3", "4", "zebra"}]
+  meta.write_text("".join(json.dumps(r) + "\n" for r in keep))
+  c = _dir_config(root)
+  with pytest.raises(ValueError, match=r"only in the real data \['5', '6', '7', '8', '9'\]"):
+    c.pool.unknown_classes = "skip"
+    trainer.run(c, tmp_path / "w0", progress=False)
+  c.data.class_mismatch = "intersect"
+  summary = trainer.run(c, tmp_path / "w", progress=False)
+  assert summary["data"]["class_names"] == ["0", "1", "2", "3", "4"]
+  assert any(s["id"] == "odd" for s in summary["skipped_files"])  # the 'zebra' row
+  assert summary["runs"]["synthetic"]["test_accuracy"] > 0.5  # 5-way, trained on 0-4 only

@@ -113,12 +113,17 @@ def prepare_inputs(config, workdir: str | Path, progress: bool = True) -> Inputs
     raise ValueError(f"config pool.kind must be 'controlled' or 'dir', got {kind!r}")
 
   image_size = train.images.shape[1:3]
-  pool = pool_lib.read_pool(root, class_names=None, channels=train.images.shape[3],
-                            image_size=tuple(image_size),
-                            unknown_classes="error", **image_opts)
+  unknown = config.pool.unknown_classes
+  if unknown not in ("error", "skip"):
+    raise ValueError(f"config pool.unknown_classes must be 'error' or 'skip', got {unknown!r}")
+  pool = pool_lib.read_pool(root, class_names=class_names if unknown == "skip" else None,
+                            channels=train.images.shape[3], image_size=tuple(image_size),
+                            unknown_classes=unknown, **image_opts)
   skipped += [dict(s, source="pool") for s in pool.skipped]
 
-  real_set, pool_set = set(class_names), set(pool.class_names)
+  real_set = set(class_names)
+  counts = np.bincount(pool.labels, minlength=len(pool.class_names))
+  pool_set = {c for c, n in zip(pool.class_names, counts) if n > 0}
   if real_set != pool_set:
     only_real = sorted(real_set - pool_set)
     only_pool = sorted(pool_set - real_set)
@@ -135,7 +140,7 @@ def prepare_inputs(config, workdir: str | Path, progress: bool = True) -> Inputs
     train, val, test = (_restrict(d, keep) for d in (train, val, test))
     pool = _restrict(pool, keep)
     class_names = keep
-  elif pool.class_names != class_names:
+  if pool.class_names != class_names:
     pool = _restrict(pool, class_names)
 
   scores = None
