@@ -238,3 +238,18 @@ def test_class_mismatch_intersect_option(tmp_path):
   assert summary["data"]["class_names"] == ["0", "1", "2", "3", "4"]
   assert any(s["id"] == "odd" for s in summary["skipped_files"])  # the 'zebra' row
   assert summary["runs"]["synthetic"]["test_accuracy"] > 0.5  # 5-way, trained on 0-4 only
+
+
+def test_warmup_epochs_train_on_real_before_the_bandit(tmp_path):
+  c = tiny.get_config()
+  c.train.modes = "bandit"
+  c.train.epochs = 4
+  c.train.warmup_epochs = 2
+  r = trainer.run(c, tmp_path, progress=False)["runs"]["bandit"]
+  arms = [e["arm"] for e in r["epochs"]]
+  assert arms[:2] == ["warmup:real", "warmup:real"]
+  names = [a["name"] for a in r["arms"]]
+  assert arms[2:] == names[:2]  # then UCB1 starts its round: arm 0, arm 1
+  pulls = {a["name"]: a["pulls"] for a in r["arms"]}
+  assert pulls["warmup:real"] == 2 and sum(pulls.values()) == 4
+  assert r["epochs"][0]["images"] == r["data"]["counts"]["train"]

@@ -169,13 +169,16 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   num_bandit_arms = arms.num_arms - (1 if warmup else 0)
   if uses_bandit:
     if mode == "uniform":
-      bandit = bandits_lib.uniform()
+      bandit, bandit_name = bandits_lib.uniform(), "uniform"
     elif mode.startswith("bandit:"):
-      bandit = bandit_from_config(config.bandit, mode.split(":", 1)[1])
+      bandit_name = mode.split(":", 1)[1]
+      bandit = bandit_from_config(config.bandit, bandit_name)
     elif bandit is None:
-      bandit = bandit_from_config(config.bandit)
+      bandit, bandit_name = bandit_from_config(config.bandit), config.bandit.name
+    else:
+      bandit_name = "custom"
   else:
-    bandit = bandits_lib.fixed(0)
+    bandit, bandit_name = bandits_lib.fixed(0), "fixed"
   if reward_fn is None:
     reward_fn = bandits_lib.reward_fn(config.bandit.reward, float(config.bandit.reward_scale))
 
@@ -276,9 +279,8 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
       "config": config_dict(config),
       "fingerprint": fp,
       "uses_bandit": uses_bandit,
-      "bandit": (config.bandit.name if mode == "bandit" and bandit is not None else
-                 mode.split(":", 1)[1] if mode.startswith("bandit:") else
-                 "uniform" if mode == "uniform" else "fixed"),
+      "bandit": bandit_name,
+      "warmup_epochs": warmup,
       "arms": arm_rows,
       "epochs": history["epochs"],
       "epochs_completed": int(state.epoch),
