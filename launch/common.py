@@ -54,3 +54,11 @@ def check_config_overrides(argv: list[str]) -> None:
     lines = "\n  ".join(valid)
     raise SystemExit(f"unknown config key(s): {', '.join(bad)}. Valid keys of {spec}:\n  "
                      f"{lines}")
+
+
+def quiet_library_logs() -> None:
+  """INFO for our own messages; WARNING and up for orbax/absl and jax internals."""
+  import logging
+  logging.getLogger().setLevel(logging.INFO)
+  for name in ("absl", "jax", "orbax", "etils", "tensorstore"):
+    logging.getLogger(name).setLevel(logging.WARNING)

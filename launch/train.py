@@ -10,7 +10,6 @@ interrupted workdir resumes it; on a finished one it says so and stops (--overwr
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
@@ -28,7 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  common.quiet_library_logs()
   from synthbandit_jax.training import trainer  # after flags: keeps --help fast
   summary = trainer.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
                         resume=_RESUME.value, progress=_PROGRESS.value)
