@@ -23,6 +23,14 @@ pool.kinds / severities / copies_per_image    controlled-pool recipe
 pool.unknown_classes      "error" | "skip" pool rows whose class is not a real class
 scores.path               per-image score table (.csv/.jsonl/.npz), "" = none
 scores.directions         "col:lower,col2:higher" overrides of ranking directions
+scores.allow_missing      pool images without a score row get NaN (never in a top-k arm)
+score.dtype               launch/score.py: Inception compute dtype "float32" | "bfloat16"
+score.batch_size          images per feature batch (a multiple of the device count)
+score.max_pool_images     0 = score the whole pool; else a class-stratified seeded subset
+score.max_real_images     0 = all real train images as references; else a subset
+score.u_form              "mean" (of min-max normalised DPS and FCS) | "product"
+score.max_per_set         0 = all images per Gaussian set; 64 = the paper's reference size
+score.ssim_max_refs       real references per image for SSIM/PSNR
 arms.source               "groups" (controlled kinds) | "scores" (top-k per ranking) | "file"
 arms.file                 JSON {"arm": [pool ids]} for source="file"
 arms.k                    images per class per arm (groups and top-k); 0 = no cap
@@ -83,6 +91,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.scores = ml_collections.ConfigDict()
   c.scores.path = ""
   c.scores.directions = ""
+  c.scores.allow_missing = False
+
+  c.score = ml_collections.ConfigDict()
+  c.score.dtype = "float32"
+  c.score.batch_size = 32
+  c.score.max_pool_images = 0
+  c.score.max_real_images = 0
+  c.score.u_form = "mean"
+  c.score.max_per_set = 0
+  c.score.ssim_max_refs = 64
 
   c.arms = ml_collections.ConfigDict()
   c.arms.source = "groups"

@@ -63,8 +63,14 @@ def _restrict(ds, keep: list[str]):
   return sub
 
 
-def prepare_inputs(config, workdir: str | Path, progress: bool = True) -> Inputs:
-  """Loads and splits the real data and builds/reads the synthetic pool for `config`."""
+def prepare_inputs(config, workdir: str | Path, progress: bool = True,
+                   load_scores: bool = True) -> Inputs:
+  """Loads and splits the real data and builds/reads the synthetic pool for `config`.
+
+  With `load_scores`, also loads config.scores.path aligned to the pool (pool images
+  without a row get NaN scores, and so never enter a top-k arm, when
+  scores.allow_missing is set; otherwise a mismatch is an error naming the ids).
+  """
   workdir = Path(workdir)
   channels = int(config.data.channels) or None
   size = _size(config)
@@ -144,10 +150,11 @@ def prepare_inputs(config, workdir: str | Path, progress: bool = True) -> Inputs
     pool = _restrict(pool, class_names)
 
   scores = None
-  if config.scores.path:
+  if config.scores.path and load_scores:
     directions = dict(kv.split(":") for kv in _csv(config.scores.directions)) or None
     scores = scores_lib.load_score_table(config.scores.path, directions=directions)
-    scores = scores_lib.align_scores(scores, pool.ids)
+    scores = scores_lib.align_scores(scores, pool.ids,
+                                     allow_missing=bool(config.scores.allow_missing))
 
   layout = arms_lib.BankLayout(num_pool=len(pool), num_real=len(train))
   bank_images = np.concatenate([pool.images, train.images]) if len(pool) else train.images
