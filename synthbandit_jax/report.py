@@ -108,6 +108,9 @@ def render_markdown(summary: dict, plots: dict[str, str]) -> str:
                       [(e["epoch"], e["arm"], e["reward"], e["val_accuracy"], e["train_loss"],
                         e["train_accuracy"]) for e in r["epochs"]]))
     out.append("")
+  if summary.get("metric_validation_md"):
+    body = summary["metric_validation_md"].split("\n", 1)[1].strip()  # drop its title
+    out += ["## Is the metric any good? (from the scoring stage)", "", body, ""]
   skipped = summary.get("skipped_files") or []
   out += ["## Skipped files", ""]
   if skipped:

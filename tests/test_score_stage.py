@@ -48,3 +48,5 @@ def test_score_then_train_on_metric_rankings(tmp_path):
   assert arms == ["top:u", "top:fid_192", "random"]
   # A top-k arm only holds scored images: 2 per class at most.
   assert result["runs"]["topk:u"]["arms"][0]["size"] <= 2 * 10
+  report = (tmp_path / "train" / "report.md").read_text()
+  assert "Is the metric any good?" in report and "| u |" in report

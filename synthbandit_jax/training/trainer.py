@@ -365,6 +365,10 @@ def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = 
       "skipped_files": inputs.skipped,
       "wall_time_s": time.perf_counter() - t0,
   }
+  if config.scores.path:
+    validation_md = Path(config.scores.path).parent / "metric_validation.md"
+    if validation_md.exists():  # written by launch/score.py beside the score table
+      summary["metric_validation_md"] = validation_md.read_text(encoding="utf-8")
   sio.atomic_write_json(top, summary)
   report_lib.write_report(workdir, summary)
   return summary
