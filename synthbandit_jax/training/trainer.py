@@ -42,7 +42,7 @@ from synthbandit_jax.training import optim as optim_lib
 
 # Config sections that do not change a run's numbers (resuming with other values is fine).
 _NOT_FINGERPRINTED = ("debug", "parallel", "checkpoint", "train.epochs", "data.on_device",
-                      "data.prefetch")
+                      "data.prefetch", "score")  # score.*: the scoring stage's own settings
 
 
 class FinishedRunError(RuntimeError):
