@@ -87,7 +87,7 @@ def render_markdown(summary: dict, plots: dict[str, str]) -> str:
           "Test accuracy uses the parameters with the best val accuracy. `images seen` is "
           "the training budget each mode consumed.", ""]
   rows = [(r["mode"], r["test_accuracy"], r["best_val_accuracy"], r["best_epoch"],
-           r["images_seen"], round(r["wall_time_s"], 1), r["arms"], r["most_pulled_arm"])
+           r["images_seen"], f"{r['wall_time_s']:.1f}", r["arms"], r["most_pulled_arm"])
           for r in summary["comparison"]]
   out.append(_table(["mode", "test acc", "best val acc", "best epoch", "images seen",
                      "train time (s)", "arms", "most pulled arm"], rows))
