@@ -16,6 +16,9 @@ Runs, modes, data:
   run, train_mode, prepare_inputs, mode_arms, load_real, ImageDataset, make_splits,
   stratified_split, read_pool, iter_pool, PoolWriter, Pool, build_controlled_pool,
   ScoreTable, load_score_table, save_score_table, align_scores, build_classifier
+Scoring (features -> per-image scores; see launch/score.py):
+  InceptionV3FID, FeatureExtractor, inception_extractor, score_pool, ScoringConfig,
+  validate_metrics, run_scoring
 """
 from synthbandit_jax.arms import (Arms, BankLayout, all_arm, arms_from_file, group_arms,
                                   mix_arm, pad_arms, random_arm, topk_arms, with_real)
@@ -28,7 +31,12 @@ from synthbandit_jax.data.real import ImageDataset, load_real
 from synthbandit_jax.data.scores import (ScoreTable, align_scores, load_score_table,
                                          save_score_table)
 from synthbandit_jax.data.splits import make_splits, stratified_split
+from synthbandit_jax.metrics.features import FeatureExtractor, inception_extractor
+from synthbandit_jax.metrics.scoring import ScoringConfig, score_pool
+from synthbandit_jax.metrics.stage import run_scoring
+from synthbandit_jax.metrics.validation import validate_metrics
 from synthbandit_jax.models.classifiers import build_classifier
+from synthbandit_jax.models.inception import InceptionV3FID
 from synthbandit_jax.training.epoch import (ArmArrays, Bank, EpochSpec, EvalSet,
                                             HostStreamingEpoch, TrainState, create_train_state,
                                             epoch_body, evaluate, finish_epoch, make_epoch_fn,
