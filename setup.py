@@ -33,7 +33,12 @@ setup(
     ],
     extras_require={
         # tensorflow-datasets: its mock data tests the tfds adapter without TensorFlow.
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5"],
+        # gguf + transformers: the Llama importer's parity tests (transformers' PyTorch
+        # LlamaForCausalLM and the GGUF tokenizer are the reference).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5",
+                 "gguf>=0.19,<0.20", "transformers>=5.0,<6"],
+        # Loading GGUF checkpoints (SmolLM2 offline asset) for the attribute stage.
+        "llm": ["gguf>=0.19,<0.20", "transformers>=5.0,<6"],
         # PyTorch peers for benchmarks (and, later, weight import / parity tests).
         # 2.13.0 is the CPU wheel that lies on the project's CPU machines.
         "torch": ["torch>=2.9,<2.15"],

@@ -1,0 +1,334 @@
+"""Llama-family decoder in Flax linen, with an explicit KV cache and jitted generation.
+
+Architecture (matches transformers' ``LlamaForCausalLM``): token embedding, ``num_layers``
+pre-norm blocks (RMSNorm -> grouped-query attention with rotary embeddings -> residual,
+RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, LM head (tied to the embedding or not).
+Rotary embeddings use the HF "rotate_half" layout: the first and second halves of each head
+dimension form the (x, y) pairs, ``inv_freq[i] = theta ** (-2i / head_dim)``.
+
+Params are float32; ``dtype`` sets the compute dtype (bfloat16 on accelerators). Norms,
+softmax statistics and logits are float32. Layers are stacked with ``nn.scan``, so every
+per-layer leaf has a leading ``num_layers`` axis:
+
+    params = {"embed": {"embedding": [V, D]},
+              "layers": {"input_norm": {"scale": [L, D]},
+                         "attn": {"q_proj" | "k_proj" | "v_proj" | "o_proj": {"kernel": [L, in, out]}},
+                         "post_attention_norm": {"scale": [L, D]},
+                         "mlp": {"gate_proj" | "up_proj" | "down_proj": {"kernel": [L, in, out]}}},
+              "norm": {"scale": [D]},
+              "lm_head": {"kernel": [D, V]}}          # only when not tied
+
+KV cache: a plain pytree (see `init_cache`), passed in and returned explicitly:
+
+    logits, cache = model.apply({"params": params}, tokens, positions, mask, cache)
+
+``tokens``/``positions``/``mask`` are [B, T]. The T new tokens are written at cache slots
+``cache["index"] .. index + T - 1``; a query at slot q attends to key slot s iff
+``s <= q`` and slot s holds a real token (``cache["mask"]``). Positions are explicit, so
+left- and right-padded batches both work (padding slots are simply never attended to).
+With ``cache=None`` a cache of length T is created, i.e. a plain full-sequence forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Cache = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyper-parameters of a Llama decoder (names follow HF's ``LlamaConfig`` where possible).
+
+  ``rope_scaling``: None, or a tuple of (key, value) pairs (hashable, so the config can be a
+  static jit argument) with ``rope_type`` "linear" (``factor``) or "llama3" (``factor``,
+  ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``).
+  """
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 2048
+  rope_scaling: tuple | None = None
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"LlamaConfig: num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Rotary inverse frequencies [head_dim // 2] (float64 numpy), with optional scaling."""
+  d = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  if not config.rope_scaling:
+    return inv
+  rs = dict(config.rope_scaling)
+  kind = rs.get("rope_type", rs.get("type", "default"))
+  if kind == "default":
+    return inv
+  if kind == "linear":
+    return inv / float(rs["factor"])
+  if kind == "llama3":
+    factor = float(rs["factor"])
+    low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    old_ctx = float(rs["original_max_position_embeddings"])
+    wavelen = 2 * np.pi / inv
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    scaled = np.where(wavelen > low_wl, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return np.where(is_mid, mid, scaled)
+  raise ValueError(f"LlamaConfig.rope_scaling: rope_type {kind!r} is not supported "
+                   "(use None, 'default', 'linear' or 'llama3')")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates x [B, T, H, D] by positions [B, T] in the HF rotate_half layout."""
+  ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with a learned scale (computed in float32, like HF)."""
+  eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (scale * xf.astype(self.dtype).astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(0.02), name=name)
+
+
+class LlamaAttention(nn.Module):
+  """Grouped-query self-attention that reads and writes one layer's KV cache."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, positions, attn_mask, index, k_cache, v_cache):
+    c = self.config
+    b, t, _ = x.shape
+    q = _dense(c.num_heads * c.head_dim, "q_proj", self.dtype)(x)
+    k = _dense(c.num_kv_heads * c.head_dim, "k_proj", self.dtype)(x)
+    v = _dense(c.num_kv_heads * c.head_dim, "v_proj", self.dtype)(x)
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    inv_freq = rope_inv_freq(c)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+    out = jax.nn.dot_product_attention(
+        q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask=attn_mask,
+        scale=c.head_dim ** -0.5, implementation=self.attention_impl)
+    out = out.reshape(b, t, c.num_heads * c.head_dim)
+    return _dense(c.hidden_size, "o_proj", self.dtype)(out), k_cache, v_cache
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    g = _dense(c.intermediate_size, "gate_proj", self.dtype)(x)
+    u = _dense(c.intermediate_size, "up_proj", self.dtype)(x)
+    return _dense(c.hidden_size, "down_proj", self.dtype)(nn.silu(g) * u)
+
+
+class LlamaBlock(nn.Module):
+  """One pre-norm decoder layer; scanned over layers (carry = hidden states)."""
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, positions, attn_mask, index, kv):
+    k_cache, v_cache = kv
+    c = self.config
+    h = RMSNorm(c.rms_norm_eps, self.dtype, name="input_norm")(x)
+    h, k_cache, v_cache = LlamaAttention(c, self.dtype, self.attention_impl, name="attn")(
+        h, positions, attn_mask, index, k_cache, v_cache)
+    x = x + h
+    h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_norm")(x)
+    x = x + LlamaMLP(c, self.dtype, name="mlp")(h)
+    return x, (k_cache, v_cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int,
+               dtype: Any = jnp.float32) -> Cache:
+  """An empty KV cache: k, v [L, B, max_len, Hkv, Dh]; mask [B, max_len] bool; index ()."""
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+class Llama(nn.Module):
+  """Llama causal LM. ``__call__(tokens, positions, mask=None, cache=None) -> (logits, cache)``.
+
+  logits: float32 [B, T, vocab]. ``mask`` [B, T] marks real (non-padding) tokens (default
+  all real); ``positions`` default to ``cumsum(mask) - 1`` when None (only meaningful
+  without a cache, i.e. for a fresh sequence).
+  """
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, mask=None, cache: Cache | None = None):
+    c = self.config
+    b, t = tokens.shape
+    if mask is None:
+      mask = jnp.ones((b, t), bool)
+    mask = mask.astype(bool)
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    if cache is None:
+      cache = init_cache(c, b, t, self.dtype)
+    index = cache["index"]
+    s = cache["k"].shape[2]
+    kv_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+    q_slot = index + jnp.arange(t)
+    k_slot = jnp.arange(s)
+    allowed = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]
+    # A query always sees itself, so padded query rows never have an empty softmax.
+    allowed = allowed | (k_slot[None, :] == q_slot[:, None])[None]
+    attn_mask = allowed[:, None, :, :]  # [B, 1, T, S]
+
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
+                     embedding_init=nn.initializers.normal(0.02), name="embed")
+    x = embed(tokens)
+    blocks = nn.scan(LlamaBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                     length=c.num_layers)
+    x, (k_new, v_new) = blocks(c, self.dtype, self.attention_impl, name="layers")(
+        x, positions, attn_mask, index, (cache["k"], cache["v"]))
+    x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
+    if c.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = _dense(c.vocab_size, "lm_head", self.dtype)(x)
+    new_cache = {"k": k_new, "v": v_new, "mask": kv_mask, "index": index + t}
+    return logits.astype(jnp.float32), new_cache
+
+
+def forward(params: PyTree, config: LlamaConfig, tokens, mask=None, *,
+            dtype: Any = jnp.float32) -> jax.Array:
+  """Full-sequence logits [B, T, V] (no cache); positions from the mask."""
+  logits, _ = Llama(config, dtype).apply({"params": params}, tokens, None, mask)
+  return logits
+
+
+def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+  """Greedy (temperature == 0) or temperature + nucleus sampling; logits [B, V] float32."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    cum_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = cum_before < top_p  # always keeps the most likely token
+    n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature",
+                                             "top_p", "eos_id", "pad_id", "dtype"))
+def generate(params: PyTree, config: LlamaConfig, prompt_tokens: jax.Array,
+             prompt_mask: jax.Array, max_new_tokens: int, *, rng: jax.Array | None = None,
+             temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None,
+             pad_id: int = 0, dtype: Any = jnp.float32) -> dict:
+  """Jitted generation for a padded batch of prompts (left- or right-padded, any mix).
+
+  Args:
+    prompt_tokens: int [B, T]; prompt_mask: [B, T], True/1 for real tokens (each row needs
+      at least one).
+    max_new_tokens: static number of decode steps (cache length = T + max_new_tokens).
+    rng: PRNG key, required when temperature > 0 (folded with the step number).
+    temperature: 0.0 = greedy; otherwise softmax temperature, with nucleus ``top_p``.
+    eos_id: a row stops after emitting it (it is kept in the output); later slots = pad_id.
+      The loop ends early once every row has stopped.
+  Returns:
+    {"tokens": int32 [B, max_new_tokens], "lengths": int32 [B] (tokens emitted, incl. eos),
+     "finished": bool [B] (emitted eos)}.
+  """
+  if temperature > 0.0 and rng is None:
+    raise ValueError("generate: temperature > 0 needs an rng key")
+  if rng is None:
+    rng = jax.random.key(0)
+  model = Llama(config, dtype)
+  b, t = prompt_tokens.shape
+  mask = prompt_mask.astype(bool)
+  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+  cache = init_cache(config, b, t + max_new_tokens, dtype)
+  logits, cache = model.apply({"params": params}, prompt_tokens, positions, mask, cache)
+  last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+  next_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  next_pos = jnp.sum(mask, axis=1).astype(jnp.int32)  # position of the first new token
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+  done = jnp.zeros((b,), bool)
+  lengths = jnp.zeros((b,), jnp.int32)
+
+  def cond(state):
+    i, _, _, _, done, _, _ = state
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    i, next_logits, cache, out, done, lengths, finished = state
+    tok = _sample(next_logits, jax.random.fold_in(rng, i), temperature, top_p)
+    tok = jnp.where(done, pad_id, tok)
+    out = out.at[:, i].set(tok)
+    lengths = lengths + (~done).astype(jnp.int32)
+    if eos_id is not None:
+      hit = (~done) & (tok == eos_id)
+      finished = finished | hit
+      done = done | hit
+    logits, cache = model.apply({"params": params}, tok[:, None], (next_pos + i)[:, None],
+                                jnp.ones((b, 1), bool), cache)
+    return i + 1, logits[:, 0], cache, out, done, lengths, finished
+
+  state = (jnp.zeros((), jnp.int32), next_logits, cache, out, done, lengths,
+           jnp.zeros((b,), bool))
+  _, _, _, out, _, lengths, finished = jax.lax.while_loop(cond, body, state)
+  return {"tokens": out, "lengths": lengths, "finished": finished}
+
+
+def num_params(params: Mapping) -> int:
+  """Total number of parameters in a params pytree."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
