@@ -28,6 +28,11 @@ def _to_jsonable(obj: Any) -> Any:
   return obj
 
 
+def safe_filename(name: str) -> str:
+  """`name` with every character outside [A-Za-z0-9._-] replaced by '_' (e.g. "topk:u")."""
+  return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
   """Writes `data` to `path` via a temporary file in the same directory and a rename."""
   path = Path(path)

@@ -25,10 +25,6 @@ def _save_fig(fig, path: Path) -> Path:
   return sio.atomic_write_bytes(path, buf.getvalue())
 
 
-def _safe(name: str) -> str:
-  return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
 def plot_val_accuracy(runs: dict[str, dict], path: Path) -> Path:
   """Val accuracy per epoch, one line per mode."""
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -128,5 +124,5 @@ def write_report(workdir: str | Path, summary: dict) -> Path:
                                              workdir / "val_accuracy.png").name}
   for mode, r in summary["runs"].items():
     if len(r["arms"]) >= 2:
-      plots[mode] = plot_arms(r, workdir / f"arms_{_safe(mode)}.png").name
+      plots[mode] = plot_arms(r, workdir / f"arms_{sio.safe_filename(mode)}.png").name
   return sio.atomic_write_text(workdir / "report.md", render_markdown(summary, plots))

@@ -48,8 +48,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -235,57 +233,8 @@ def _check_images(images: Any, what: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------------- prefetch
 
+prefetch = parallel.prefetch  # the shared host-side prefetch thread
 
-class _Failed:
-  def __init__(self, exc: BaseException):
-    self.exc = exc
-
-
-_END = object()
-
-
-def prefetch(iterable: Iterable[T], buffer_size: int = 2) -> Iterator[T]:
-  """Iterates `iterable` on a daemon thread, at most `buffer_size` items ahead.
-
-  Order is kept; an exception in the producer is raised in the consumer; closing the
-  returned generator early (break, garbage collection) stops the producer at its next item.
-  """
-  if buffer_size < 1:
-    raise ValueError(f"prefetch buffer_size must be >= 1, got {buffer_size}")
-  q: queue.Queue = queue.Queue(maxsize=buffer_size)
-  stop = threading.Event()
-
-  def put(item: Any) -> bool:
-    while not stop.is_set():
-      try:
-        q.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def worker() -> None:
-    try:
-      for item in iterable:
-        if not put(item):
-          return
-      put(_END)
-    except BaseException as e:  # surfaced in the consumer
-      put(_Failed(e))
-
-  thread = threading.Thread(target=worker, name="synthbandit-prefetch", daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = q.get()
-      if item is _END:
-        return
-      if isinstance(item, _Failed):
-        raise item.exc
-      yield item
-  finally:
-    stop.set()
-    thread.join()
 
 
 def _device_batches(extractor: FeatureExtractor, chunks: Iterable[tuple[np.ndarray, list]]

@@ -34,15 +34,12 @@ from synthbandit_jax.training import inputs as inputs_lib
 
 
 def _subsample(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
-  """Row indices: all rows, or a class-stratified seeded subset of about `cap` rows."""
+  """Row indices: all rows, or about `cap` rows, an equal seeded share per class."""
   n = len(labels)
   if cap <= 0 or cap >= n:
     return np.arange(n)
-  rng = np.random.default_rng(seed)
-  classes = np.unique(labels)
-  per = max(1, cap // len(classes))
-  rows = [rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes]
-  return np.sort(np.concatenate(rows))
+  per_class = max(1, cap // len(np.unique(labels)))
+  return inputs_lib.cap_per_class(np.arange(n), labels, per_class, seed)
 
 
 def _features(extractor, images, ids, labels, class_names, path: Path, progress: bool):

@@ -20,8 +20,6 @@ All state is explicit: `new_state, metrics = epoch(state, bank, arms, val)`.
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -338,35 +336,8 @@ class HostStreamingEpoch:
 
   def _stream(self, make_batch, n):
     """Yields device batches 0..n-1, produced `prefetch` ahead on a worker thread."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-    stop = threading.Event()
-
-    def worker():
-      try:
-        for i in range(n):
-          if stop.is_set():
-            return
-          q.put(tuple(self._put(a) for a in make_batch(i)))
-        q.put(None)
-      except BaseException as e:  # surfaced in the consumer
-        q.put(e)
-
-    t = threading.Thread(target=worker, daemon=True)
-    t.start()
-    try:
-      for _ in range(n):
-        item = q.get()
-        if isinstance(item, BaseException):
-          raise item
-        yield item
-    finally:
-      stop.set()
-      while t.is_alive():
-        try:
-          q.get_nowait()
-        except queue.Empty:
-          pass
-        t.join(timeout=0.01)
+    return parallel.prefetch((tuple(self._put(a) for a in make_batch(i)) for i in range(n)),
+                             max(1, self.prefetch))
 
   def evaluate(self, params, batch_stats, images: np.ndarray, labels: np.ndarray,
                eval_batch_size: int) -> jax.Array:

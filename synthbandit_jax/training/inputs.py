@@ -171,7 +171,8 @@ def _group_rows(inputs: Inputs) -> dict[str, np.ndarray]:
   return groups
 
 
-def _cap_per_class(rows: np.ndarray, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+def cap_per_class(rows: np.ndarray, labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """At most k of `rows` per class (labels[rows]), drawn without replacement by seed."""
   if k <= 0:
     return rows
   rng = np.random.default_rng(seed)
@@ -190,7 +191,7 @@ def candidate_arms(config, inputs: Inputs) -> list[arms_lib.NamedIndices]:
   labels = inputs.pool.labels
   if src == "groups":
     groups = _group_rows(inputs)
-    arms = [(name, _cap_per_class(rows, labels, k, seed + i))
+    arms = [(name, cap_per_class(rows, labels, k, seed + i))
             for i, (name, rows) in enumerate(sorted(groups.items(), key=lambda kv: kv[0]))]
   elif src == "scores":
     if inputs.scores is None:
@@ -249,7 +250,7 @@ def mode_arms(config, inputs: Inputs, mode: str) -> tuple[list[arms_lib.NamedInd
     groups = _group_rows(inputs)
     if name not in groups:
       raise KeyError(f"mode {mode!r}: no group {name!r}; groups: {sorted(groups)}")
-    return [(name, _cap_per_class(groups[name], inputs.pool.labels, int(config.arms.k),
+    return [(name, cap_per_class(groups[name], inputs.pool.labels, int(config.arms.k),
                                   int(config.seed)))], False
   if mode == "bandit" or mode.startswith("bandit:") or mode == "uniform":
     return candidate_arms(config, inputs), True

@@ -76,7 +76,7 @@ def fingerprint(config) -> tuple[str, dict[str, Any]]:
 
 
 def mode_dirname(mode: str) -> str:
-  return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in mode)
+  return sio.safe_filename(mode)
 
 
 def bandit_from_config(bandit_cfg, name: str | None = None) -> bandits_lib.Bandit:
