@@ -1,0 +1,94 @@
+"""Attribute extraction with the Flax LLM, then prompts for the generation stage.
+
+  python -m launch.attributes --config=configs/attributes.py --workdir=runs/attrs
+  python -m launch.attributes --config=configs/attributes.py --workdir=runs/attrs \
+      --config.classes="golden retriever,car accident" --config.prompts.images_per_class=100
+  python -m launch.attributes --config=configs/attributes.py --workdir=runs/attrs \
+      --config.attributes_file=my_attributes.json       # no LLM
+
+Writes WORKDIR/attributes.json and WORKDIR/prompts.jsonl. An existing attributes.json made for
+the same classes and seed is reused (no LLM call) unless --overwrite; prompts.jsonl is always
+rebuilt from it (cheap).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import common
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Ask the LLM again even if attributes.json "
+                               "exists for the same classes and seed.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_classes(spec: str) -> list[str]:
+  """Comma-separated class names -> list (whitespace trimmed, empties are an error)."""
+  names = [n.strip() for n in str(spec).split(",")]
+  if not spec or not any(names):
+    raise SystemExit("config.classes is empty: give comma-separated class names")
+  if "" in names:
+    raise SystemExit(f"config.classes {spec!r} has an empty name (stray comma?)")
+  return names
+
+
+def main(argv):
+  del argv
+  common.quiet_library_logs()
+  from synthbandit_jax.generation import attributes as ga  # after flags: keeps --help fast
+  from synthbandit_jax.generation import prompts as gp
+  cfg = _CONFIG.value
+  workdir = Path(_WORKDIR.value)
+  names = parse_classes(cfg.classes)
+  out_path = workdir / "attributes.json"
+  t0 = time.time()
+  if cfg.attributes_file:
+    attrs = ga.load_attributes(cfg.attributes_file, names)
+    logging.info("attributes from %s (no LLM)", cfg.attributes_file)
+  else:
+    attrs = None
+    if out_path.exists() and not _OVERWRITE.value:
+      try:
+        prev = ga.load_attributes(out_path)
+      except (ValueError, OSError) as e:
+        raise SystemExit(f"{out_path} exists but is unreadable ({e}); rerun with --overwrite")
+      if list(prev["classes"]) == names and prev.get("seed") == cfg.seed:
+        attrs = prev
+        logging.info("reusing %s (same classes and seed; --overwrite to redo)", out_path)
+      else:
+        raise SystemExit(f"{out_path} was made for other classes or another seed "
+                         f"(seed {prev.get('seed')}, classes {list(prev['classes'])}); use "
+                         f"--overwrite or another --workdir")
+    if attrs is None:
+      llm = ga.load_llm(cfg.llm.gguf or None)
+      logging.info("LLM %s loaded in %.1f s", llm.name, time.time() - t0)
+      attrs = ga.extract_attributes(
+          names, llm, seed=cfg.seed, retries=cfg.llm.retries,
+          min_categories=cfg.llm.min_categories, max_new_tokens=cfg.llm.max_new_tokens,
+          temperature=cfg.llm.temperature, top_p=cfg.llm.top_p,
+          batch_size=cfg.llm.batch_size)
+  ga.write_attributes(out_path, attrs)
+  rows = gp.build_prompts(attrs, images_per_class=cfg.prompts.images_per_class, seed=cfg.seed,
+                          style=cfg.prompts.style)
+  gp.write_prompts(workdir / "prompts.jsonl", rows)
+  print(f"{'class':<24}{'categories':>11}{'attempts':>9}  fallback")
+  for name, e in attrs["classes"].items():
+    print(f"{name[:23]:<24}{len(e['attributes']):>11}{e['attempts']:>9}  "
+          f"{'yes' if e['fallback'] else 'no'}")
+  print(f"\n{len(rows)} prompts in {time.time() - t0:.1f} s: {workdir / 'prompts.jsonl'}   "
+        f"attributes: {out_path}")
+
+
+def run():
+  common.check_config_overrides(sys.argv)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,1 @@
+"""Generation stages: attribute extraction with a Flax LLM and prompt building."""

@@ -1,0 +1,217 @@
+"""Tests for generation/attributes.py: the parser, retries/fallback, files, and SmolLM2."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from synthbandit_jax.generation import attributes as ga
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (messy LLM text, expected parse) pairs written to look like what small chat models emit.
+PARSE_CASES = [
+    ("color: red, blue, green\nsize: small, medium, large",
+     {"color": ["red", "blue", "green"], "size": ["small", "medium", "large"]}),
+    ("- Color: Red, Blue, Green.\n* Pose: sitting; standing; running\n• Background: park / beach",
+     {"color": ["red", "blue", "green"], "pose": ["sitting", "standing", "running"],
+      "background": ["park", "beach"]}),
+    ("1. **Lighting**: daylight, night, golden hour\n2) **Viewpoint:** front, side, rear view",
+     {"lighting": ["daylight", "night", "golden hour"],
+      "viewpoint": ["front", "side", "rear view"]}),
+    ("Here are some attributes:\n\n1. Weather - sunny, rainy, foggy\n2. Time of day - morning, "
+     "evening\n\nI hope this helps!",
+     {"weather": ["sunny", "rainy", "foggy"], "time of day": ["morning", "evening"]}),
+    ('```json\n{"color": ["Red", "red ", "BLUE"], "age": ["puppy", "adult"]}\n```',
+     {"color": ["red", "blue"], "age": ["puppy", "adult"]}),
+    ('[{"category": "Material", "values": ["wood", "metal"]}, '
+     '{"name": "Shape", "values": "round, square"}]',
+     {"material": ["wood", "metal"], "shape": ["round", "square"]}),
+    ("The fur color can vary, such as golden, cream, and dark red.\n"
+     "Different backgrounds like grass, snow or a living room.",
+     {"fur color": ["golden", "cream", "dark red"],
+      "backgrounds": ["grass", "snow", "a living room"]}),
+    ("Color:\n  - red\n  - blue\nSize:\n  - tiny\n  - huge\n",
+     {"color": ["red", "blue"], "size": ["tiny", "huge"]}),
+    ("color: red, red, Red!, , blue\ncolor: green, blue",
+     {"color": ["red", "blue", "green"]}),
+    ("Stroke width = thin, thick\nSlant (left, right, upright)",
+     {"stroke width": ["thin", "thick"], "slant": ["left", "right", "upright"]}),
+    ("Category 1: value1, value2, value3\ncategory: food\nvalues: value1", {}),
+    ("This is an empty sentence.", {}),
+    ("", {}),
+    ("   \n\n  ", {}),
+    ("category: food, category: dog, category: cat", {}),
+    ("Écriture: cursive, imprimée\n颜色: 红, 蓝",
+     {"écriture": ["cursive", "imprimée"], "颜色": ["红", "蓝"]}),
+]
+
+
+@pytest.mark.parametrize("text,expected", PARSE_CASES)
+def test_parse_attributes_messy_text(text, expected):
+  assert ga.parse_attributes(text) == expected
+
+
+def test_parse_caps_lengths_and_counts():
+  many = "\n".join(f"cat{i} x: " + ", ".join(f"v{i}_{j}" for j in range(20)) for i in range(20))
+  out = ga.parse_attributes(many)
+  assert len(out) == ga.MAX_CATEGORIES
+  assert all(len(v) == ga.MAX_VALUES for v in out.values())
+  assert list(out)[0] == "cat0 x" and out["cat0 x"][:2] == ["v0_0", "v0_1"]
+  long_value = "color: " + " ".join(["word"] * 30) + ", blue"
+  assert ga.parse_attributes(long_value) == {"color": ["blue"]}  # > MAX_VALUE_WORDS dropped
+  # Lines that are sentences (more than 4 words before the colon) are not categories.
+  assert ga.parse_attributes("I think that the best answer is: red, blue") == {}
+
+
+class ScriptedLLM:
+  """Fake chat model: replies from a script per class (keyed by a substring of the prompt)."""
+  name = "scripted"
+
+  def __init__(self, script: dict[str, list[str]]):
+    self.script = {k: list(v) for k, v in script.items()}
+    self.calls: list[tuple[list[str], int]] = []
+
+  def chat(self, prompts, *, max_new_tokens, seed, temperature, top_p):
+    self.calls.append((list(prompts), seed))
+    out = []
+    for p in prompts:
+      key = next(k for k in self.script if ga.attribute_prompt(k) == p)
+      out.append(self.script[key].pop(0) if self.script[key] else "")
+    return out
+
+
+class SeededLLM:
+  """Fake chat model whose reply is a pure function of (prompt, seed)."""
+  name = "seeded"
+
+  def chat(self, prompts, *, max_new_tokens, seed, temperature, top_p):
+    import hashlib
+    out = []
+    for p in prompts:
+      h = hashlib.sha256(f"{p}|{seed}".encode()).hexdigest()
+      out.append(f"color: c{h[:3]}, c{h[3:6]}\nsize: s{h[6:9]}, s{h[9:12]}")
+    return out
+
+
+def test_retry_then_success_and_fallback():
+  llm = ScriptedLLM({
+      "golden retriever": ["", "junk junk", "- Fur: golden, cream\n- Pose: sitting, running"],
+      "car accident": ["Weather: rain, snow"],
+      "never": ["nothing here", "", "still nothing"],
+  })
+  out = ga.extract_attributes(["golden retriever", "car accident", "never"], llm, seed=3,
+                              retries=2)
+  c = out["classes"]
+  assert c["car accident"] == {"attributes": {"weather": ["rain", "snow"]},
+                               "raw": ["Weather: rain, snow"], "attempts": 1,
+                               "fallback": False, "warning": None}
+  g = c["golden retriever"]
+  assert g["attempts"] == 3 and not g["fallback"]
+  assert g["raw"] == ["", "junk junk", "- Fur: golden, cream\n- Pose: sitting, running"]
+  assert g["attributes"] == {"fur": ["golden", "cream"], "pose": ["sitting", "running"]}
+  n = c["never"]
+  assert n["fallback"] and n["attributes"] == {} and n["attempts"] == 3
+  assert "never" in n["warning"] and "3 attempt" in n["warning"]
+  assert out["model"] == "scripted" and out["seed"] == 3
+  # Only unresolved classes were asked again; every attempt used a fresh seed.
+  assert [len(p) for p, _ in llm.calls] == [3, 2, 2]
+  assert len({s for _, s in llm.calls}) == 3
+
+
+def test_min_categories_and_bounded_retries():
+  llm = ScriptedLLM({"cat": ["color: black, white"] * 5})
+  out = ga.extract_attributes(["cat"], llm, seed=0, retries=1, min_categories=2)
+  e = out["classes"]["cat"]
+  assert e["attempts"] == 2 and e["fallback"] and len(e["raw"]) == 2
+  with pytest.raises(ValueError, match="retries"):
+    ga.extract_attributes(["cat"], llm, retries=-1)
+  with pytest.raises(ValueError, match="duplicate"):
+    ga.extract_attributes(["cat", "cat"], llm)
+  with pytest.raises(ValueError, match="empty"):
+    ga.extract_attributes(["cat", "  "], llm)
+
+
+def test_deterministic_for_seed_and_unicode_names(tmp_path):
+  names = ["golden retriever", "Crème brûlée", "rock'n'roll (live!)", "猫", "T-shirt/top"]
+  a = ga.extract_attributes(names, SeededLLM(), seed=11)
+  b = ga.extract_attributes(names, SeededLLM(), seed=11)
+  c = ga.extract_attributes(names, SeededLLM(), seed=12)
+  assert a == b and a != c
+  assert list(a["classes"]) == names
+  for n in names:
+    assert n in ga.attribute_prompt(n)
+    assert set(a["classes"][n]["attributes"]) == {"color", "size"}
+  p = ga.write_attributes(tmp_path / "attributes.json", a)
+  assert "Crème brûlée" in p.read_text(encoding="utf-8")  # not \u-escaped
+  assert ga.load_attributes(p) == a
+  assert ga.load_attributes(p, ["猫"])["classes"] == {"猫": a["classes"]["猫"]}
+
+
+def test_user_attributes_file_layouts_and_errors(tmp_path):
+  simple = {"zero": {"stroke": ["thin", "thick"]}, "éclair": {"glaze": ["chocolate"]}}
+  p = tmp_path / "user.json"
+  p.write_text(json.dumps(simple), encoding="utf-8")
+  out = ga.load_attributes(p)
+  assert out["model"] == "user"
+  assert out["classes"]["éclair"] == {"attributes": {"glaze": ["chocolate"]}, "raw": [],
+                                      "attempts": 0, "fallback": False, "warning": None}
+  with pytest.raises(ValueError, match=r"user\.json.*lacks class.*'one'"):
+    ga.load_attributes(p, ["zero", "one"])
+  with pytest.raises(FileNotFoundError, match="nope.json"):
+    ga.load_attributes(tmp_path / "nope.json")
+  bad = tmp_path / "bad.json"
+  bad.write_text("{not json", encoding="utf-8")
+  with pytest.raises(ValueError, match="bad.json"):
+    ga.load_attributes(bad)
+  bad.write_text(json.dumps({"zero": {"stroke": "thin", "width": []}}), encoding="utf-8")
+  with pytest.raises(ValueError, match=r"bad\.json.*'zero'.*'width'"):
+    ga.load_attributes(bad)
+  bad.write_text(json.dumps({"zero": ["thin"]}), encoding="utf-8")
+  with pytest.raises(ValueError, match=r"class 'zero'"):
+    ga.load_attributes(bad)
+
+
+def test_llm_missing_gguf_names_file(tmp_path):
+  if importlib.util.find_spec("gguf") is None:
+    pytest.skip("needs the gguf package")
+  with pytest.raises(FileNotFoundError, match=r"missing\.gguf.*smollm2_135m_q4_1"):
+    ga.LLM(tmp_path / "missing.gguf")
+  bad = tmp_path / "broken.gguf"
+  bad.write_bytes(b"GGUF" + b"\x00" * 13)
+  with pytest.raises(ValueError, match=r"broken\.gguf.*smollm2_135m_q4_1"):
+    ga.LLM(bad)
+
+
+def _smollm2_path():
+  for mod in ("gguf", "transformers"):
+    if importlib.util.find_spec(mod) is None:
+      pytest.skip(f"SmolLM2 test needs the {mod} package")
+  from synthbandit_jax import assets
+  try:
+    return assets.fetch("smollm2_135m_q4_1")
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"SmolLM2 GGUF asset unavailable: {e}")
+
+
+def test_launch_with_smollm2_writes_attributes_and_is_deterministic(tmp_path):
+  """Real model, 2 classes, short replies: valid attributes.json with raw text, per seed."""
+  _smollm2_path()
+  t0 = time.time()
+  llm = ga.load_llm()
+  kw = dict(seed=5, retries=0, max_new_tokens=24, temperature=0.7, top_p=0.9)
+  a = ga.extract_attributes(["golden retriever", "bicycle"], llm, **kw)
+  b = ga.extract_attributes(["golden retriever", "bicycle"], llm, **kw)
+  assert a == b
+  assert a["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+  for e in a["classes"].values():
+    assert len(e["raw"]) == 1 and isinstance(e["raw"][0], str) and e["raw"][0].strip()
+    assert e["fallback"] == (e["attributes"] == {})
+  p = ga.write_attributes(tmp_path / "attributes.json", a)
+  assert ga.load_attributes(p) == a
+  assert time.time() - t0 < 60
