@@ -215,3 +215,22 @@ def test_launch_with_smollm2_writes_attributes_and_is_deterministic(tmp_path):
   p = ga.write_attributes(tmp_path / "attributes.json", a)
   assert ga.load_attributes(p) == a
   assert time.time() - t0 < 60
+
+
+def test_copies_of_the_prompt_example_do_not_count():
+  """Small models often echo the prompt's example ("color: red, blue, green"); those lines
+  say nothing about the class, so they are dropped and an echo-only reply is retried."""
+  example = ga.attribute_prompt("x").split("like this:", 1)[1].strip()
+  llm = ScriptedLLM({
+      "dog": [example, example + "\nbreed: beagle, poodle"],
+      "cat": [example] * 3,
+  })
+  out = ga.extract_attributes(["dog", "cat"], llm, seed=1, retries=2)
+  dog = out["classes"]["dog"]
+  assert dog["attempts"] == 2 and dog["attributes"] == {"breed": ["beagle", "poodle"]}
+  cat = out["classes"]["cat"]
+  assert cat["fallback"] and cat["attempts"] == 3 and cat["attributes"] == {}
+  # A real colour list that merely shares the category name is kept.
+  llm = ScriptedLLM({"fox": ["color: red, silver, arctic white"]})
+  assert ga.extract_attributes(["fox"], llm, seed=0)["classes"]["fox"]["attributes"] == {
+      "color": ["red", "silver", "arctic white"]}

@@ -132,6 +132,13 @@ def load_llm(gguf_path: str | os.PathLike | None = None) -> LLM:
 
 # ----------------------------------------------------------------------------- prompt
 
+def _echoes_example(category: str, values: list[str]) -> bool:
+  """True for a category that only repeats the prompt's own example line (small models
+  often copy "color: red, blue, green"); such lines carry no knowledge of the class."""
+  example = parse_attributes(_PROMPT.split("like this:", 1)[1])
+  return category in example and set(values) <= set(example[category])
+
+
 def attribute_prompt(class_name: str) -> str:
   """The user message asking for attribute categories (with values) that vary within a class."""
   name = class_name.strip()
@@ -377,7 +384,8 @@ def extract_attributes(class_names: Sequence[str], llm: ChatModel, *, seed: int 
         e["raw"].append(reply)
         e["attempts"] += 1
         attrs = parse_attributes(reply)
-        attrs = {k: v for k, v in attrs.items() if k != names[i].lower()}
+        attrs = {k: v for k, v in attrs.items()
+                 if k != names[i].lower() and not _echoes_example(k, v)}
         if len(attrs) >= min_categories:
           e["attributes"] = attrs
         else:
