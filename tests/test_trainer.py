@@ -253,3 +253,26 @@ def test_warmup_epochs_train_on_real_before_the_bandit(tmp_path):
   pulls = {a["name"]: a["pulls"] for a in r["arms"]}
   assert pulls["warmup:real"] == 2 and sum(pulls.values()) == 4
   assert r["epochs"][0]["images"] == r["data"]["counts"]["train"]
+
+
+def test_frozen_backbone_run_trains_only_the_head(tmp_path):
+  from synthbandit_jax import checkpoint as ckpt_lib
+  c = tiny.get_config()
+  c.train.modes = "real"
+  c.train.epochs = 2
+  c.model.frozen_backbone = True
+  trainer.run(c, tmp_path, progress=False)
+  restored = ckpt_lib.Checkpointer(tmp_path / "real" / "checkpoints")
+  raw = restored._manager.restore(2)  # pylint: disable=protected-access
+  params = raw["state"]["params"]
+  # Initial params: the same seed and model, initialised afresh.
+  from synthbandit_jax.models import classifiers
+  import jax
+  import jax.numpy as jnp
+  model = classifiers.build_classifier("small_cnn", 10, frozen_backbone=True)
+  init = model.init(jax.random.split(jax.random.PRNGKey(c.seed))[1],
+                    jnp.zeros((1, 8, 8, 1)), train=False)["params"]
+  for a, b in zip(jax.tree.leaves(init["backbone"]), jax.tree.leaves(params["backbone"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(init["head"]), jax.tree.leaves(params["head"])))

@@ -198,8 +198,10 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   input_shape = (1,) + inputs.bank_images.shape[1:]
   rng = jax.random.PRNGKey(int(config.seed))
   steps_per_epoch = -(-arms.indices.shape[1] // batch_size)
-  # Parameters are needed to build a masked optimizer; init once with a throwaway tx.
-  probe = model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape, jnp.float32), train=False)
+  # The optimizer's frozen-backbone mask needs the params' structure only: eval_shape
+  # traces the init without running it (the real init happens once, in create_train_state).
+  probe = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                            jnp.zeros(input_shape, jnp.float32), train=False))
   tx = optim_lib.make_optimizer(
       config.optim, probe["params"], steps_per_epoch * epochs,
       trainable="head" if config.model.frozen_backbone else "all")
