@@ -24,13 +24,31 @@ pool.unknown_classes      "error" | "skip" pool rows whose class is not a real c
 scores.path               per-image score table (.csv/.jsonl/.npz), "" = none
 scores.directions         "col:lower,col2:higher" overrides of ranking directions
 scores.allow_missing      pool images without a score row get NaN (never in a top-k arm)
-score.dtype               launch/score.py: Inception compute dtype "float32" | "bfloat16"
+score.dtype               launch/score.py: Inception/VGG16 compute dtype "float32" | "bfloat16"
 score.batch_size          images per feature batch (a multiple of the device count)
 score.max_pool_images     0 = score the whole pool; else a class-stratified seeded subset
 score.max_real_images     0 = all real train images as references; else a subset
 score.u_form              "mean" (of min-max normalised DPS and FCS) | "product"
 score.max_per_set         0 = all images per Gaussian set; 64 = the paper's reference size
 score.ssim_max_refs       real references per image for SSIM/PSNR
+score.fcs_backbone        FCS features: "inception" (2048-d pool tap) | "vgg16" (fc7, the paper's)
+score.vgg16_weights       torchvision vgg16 state dict (.pth/.safetensors) for fcs_backbone=vgg16;
+                          make it where there is internet: torch.save(torchvision.models.vgg16(
+                          weights="IMAGENET1K_V1").state_dict(), path)
+generate.model            launch/generate.py: diffusers SD 1.x/2.x directory or hub id (cached)
+generate.prompts          prompts.jsonl ("" = WORKDIR/prompts.jsonl)
+generate.out              pool directory to write ("" = WORKDIR/pool)
+generate.sampler          "dpmpp_2m" | "ddim" | "euler"
+generate.steps / guidance_scale / clip_skip   sampling; guidance <= 1 skips the uncond pass
+generate.height / width   0 = the UNet's native size
+generate.batch_size       images per jitted call (global; a multiple of the device count)
+generate.shard_size       prompts per pool shard (the unit of resuming)
+generate.seed             noise seed: each image's noise comes from (seed, image id)
+generate.dtype            "float32" | "bfloat16" | "float16" compute (params stay float32)
+generate.attention_impl   "" = cuDNN fused attention on GPU in bf16/fp16, XLA elsewhere
+generate.on_bad           NaN/black images: "regenerate" (in float32) | "flag" | "drop"
+generate.black_level      an image whose brightest pixel is <= this counts as black
+generate.max_images       0 = every prompt; else the first N (quick runs)
 arms.source               "groups" (controlled kinds) | "scores" (top-k per ranking) | "file"
 arms.file                 JSON {"arm": [pool ids]} for source="file"
 arms.k                    images per class per arm (groups and top-k); 0 = no cap
@@ -101,6 +119,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.u_form = "mean"
   c.score.max_per_set = 0
   c.score.ssim_max_refs = 64
+  c.score.fcs_backbone = "inception"
+  c.score.vgg16_weights = ""
+
+  c.generate = ml_collections.ConfigDict()
+  c.generate.model = ""
+  c.generate.prompts = ""
+  c.generate.out = ""
+  c.generate.sampler = "dpmpp_2m"
+  c.generate.steps = 25
+  c.generate.guidance_scale = 7.5
+  c.generate.clip_skip = 0
+  c.generate.height = 0
+  c.generate.width = 0
+  c.generate.batch_size = 8
+  c.generate.shard_size = 64
+  c.generate.seed = 0
+  c.generate.dtype = "float32"
+  c.generate.attention_impl = ""
+  c.generate.on_bad = "regenerate"
+  c.generate.black_level = 4
+  c.generate.max_images = 0
 
   c.arms = ml_collections.ConfigDict()
   c.arms.source = "groups"

@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthbandit_jax import io as sio
 from synthbandit_jax.generation import schedulers
 from synthbandit_jax.models import clip_text, unet as unet_lib, vae as vae_lib
+from synthbandit_jax.weights import state_dict as sdict
 
 PyTree = Any
 
@@ -94,10 +98,13 @@ def check_layout(root: Path) -> dict:
       raise ValueError(f"{root / 'model_index.json'} is not valid JSON ({e})") from e
   problems = []
   for comp, needed in (("text_encoder", "config.json"), ("unet", "config.json"),
-                       ("vae", "config.json"), ("scheduler", "scheduler_config.json"),
-                       ("tokenizer", "vocab.json"), ("tokenizer", "merges.txt")):
+                       ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
     if not (root / comp / needed).is_file():
       problems.append(str(root / comp / needed))
+  tok = root / "tokenizer"
+  if not (tok / "tokenizer.json").is_file() and not (
+      (tok / "vocab.json").is_file() and (tok / "merges.txt").is_file()):
+    problems.append(f"{tok}/vocab.json + merges.txt (or tokenizer.json)")
   if problems:
     raise FileNotFoundError(f"{root} is not a complete Stable Diffusion pipeline: missing "
                             f"{', '.join(problems)}; {_HOW_TO}")
@@ -245,3 +252,110 @@ def load_pipeline(model: str | os.PathLike, *, dtype: Any = jnp.float32,
   params = {"text_encoder": te_params, "unet": un_params, "vae": va_params}
   params = jax.tree.map(jnp.asarray, params)
   return Pipeline(te, un, va, tok, params, un_cfg, va_cfg, sched_cfg, name=root.name)
+
+
+# ------------------------------------------------------------------------------- saving
+
+DIFFUSERS_VERSION = "0.42.1"  # the format version written into the config files
+
+
+def _plain(value: Any) -> Any:
+  if isinstance(value, tuple):
+    return [_plain(v) for v in value]
+  return value
+
+
+def unet_diffusers_config(cfg: Any) -> dict:
+  """diffusers UNet2DConditionModel config.json for our UNetConfig."""
+  out = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION}
+  for f in dataclasses.fields(cfg):
+    out[f.name] = _plain(getattr(cfg, f.name))
+  # diffusers' SD quirk: the head count travels as attention_head_dim.
+  out["attention_head_dim"] = out.pop("num_attention_heads")
+  out["num_attention_heads"] = None
+  return out
+
+
+def vae_diffusers_config(cfg: Any) -> dict:
+  """diffusers AutoencoderKL config.json for our VAEConfig."""
+  out = {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+         "act_fn": "silu"}
+  for f in dataclasses.fields(cfg):
+    out[f.name] = _plain(getattr(cfg, f.name))
+  return out
+
+
+def text_encoder_hf_config(cfg: Any, bos_token_id: int | None = None) -> dict:
+  """transformers CLIPTextModel config.json for our CLIPTextConfig."""
+  out = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+         "torch_dtype": "float32"}
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if value is not None:
+      out[f.name] = _plain(value)
+  if bos_token_id is not None:
+    out["bos_token_id"] = int(bos_token_id)
+  return out
+
+
+def scheduler_diffusers_config(cfg: Any, class_name: str = "DDIMScheduler") -> dict:
+  """scheduler_config.json for our SchedulerConfig (readable by every sampler here)."""
+  out = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION}
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if value is not None:
+      out[f.name] = _plain(value)
+  return out
+
+
+def save_pipeline(pipeline: Pipeline, directory: str | os.PathLike, *,
+                  scheduler_class: str = "DDIMScheduler") -> Path:
+  """Writes `pipeline` as a diffusers-format directory (safetensors weights, no torch).
+
+  The result loads with `load_pipeline` and with diffusers' StableDiffusionPipeline. The
+  directory appears whole or not at all: everything is written into a temporary sibling that
+  is renamed at the end (an existing `directory` is replaced).
+  """
+  directory = Path(directory)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+  try:
+    host = jax.device_get(pipeline.params)
+    te_cfg = pipeline.text_encoder.config
+    parts = {
+        "text_encoder": ("model.safetensors", text_encoder_hf_config(
+            te_cfg, getattr(pipeline.tokenizer, "bos_token_id", None)),
+                         clip_text.state_dict_from_params(te_cfg, host["text_encoder"])),
+        "unet": ("diffusion_pytorch_model.safetensors",
+                 unet_diffusers_config(pipeline.unet_config),
+                 unet_lib.state_dict_from_params(pipeline.unet_config, host["unet"])),
+        "vae": ("diffusion_pytorch_model.safetensors",
+                vae_diffusers_config(pipeline.vae_config),
+                vae_lib.state_dict_from_params(pipeline.vae_config, host["vae"])),
+    }
+    for comp, (fname, cfg, tensors) in parts.items():
+      sio.atomic_write_json(tmp / comp / "config.json", cfg)
+      sdict.write_safetensors(tmp / comp / fname, tensors)
+    sio.atomic_write_json(tmp / "scheduler" / "scheduler_config.json",
+                          scheduler_diffusers_config(pipeline.scheduler_config,
+                                                     scheduler_class))
+    pipeline.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    sio.atomic_write_json(tmp / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", scheduler_class], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "image_encoder": [None, None],
+        "requires_safety_checker": False})
+    if directory.exists():
+      old = directory.with_name(f".{directory.name}.old")
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(directory, old)
+      os.replace(tmp, directory)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, directory)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return directory

@@ -23,13 +23,20 @@ import jax.numpy as jnp
 Dtype = Any
 
 
-def resolve_attention_impl(impl: str | None, dtype: Dtype) -> str | None:
-  """The `implementation=` for jax.nn.dot_product_attention: 'cudnn' where it can run."""
+def resolve_attention_impl(impl: str | None, dtype: Dtype, head_dim: int = 64) -> str | None:
+  """The `implementation=` for jax.nn.dot_product_attention: 'cudnn' where it can run.
+
+  Automatic choice (None / "auto"): cuDNN on GPU for bf16/fp16 inputs whose head size its
+  fused kernel takes (a multiple of 8, at most 128; SD 1.5's deepest blocks have 160, which
+  then take XLA's path), XLA otherwise.
+  """
   if impl not in (None, "auto", "xla", "cudnn"):
     raise ValueError(f"attention_impl must be one of None/'auto', 'xla', 'cudnn', got {impl!r}")
   if impl in (None, "auto"):
     on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    fits = head_dim % 8 == 0 and head_dim <= 128
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if on_gpu and half and fits else "xla"
   return impl
 
 
@@ -43,7 +50,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: str | None = No
   dtype = q.dtype
   if upcast:
     q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-  impl = resolve_attention_impl(impl, q.dtype)
+  impl = resolve_attention_impl(impl, q.dtype, q.shape[-1])
   out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=impl)
   return out.astype(dtype)
 
