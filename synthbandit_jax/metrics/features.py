@@ -15,6 +15,7 @@ Entry points:
   extract_pool(extractor, pool_root, ...)      a pool on disk, streamed -> FeatureSet
   extract_pool_cached(extractor, pool_root, cache_path, ...)   the same, cached as .npz
   inception_extractor(...)                     the FID Inception-V3 taps
+  vgg16_extractor(params | weights=...)        VGG16 fc7 (tap "vgg_fc7"), the paper's FCS features
 
 Streaming: images are decoded by `synthbandit_jax.data.pool.iter_pool` on a host thread
 (`prefetch`), re-batched to ``batch_size``, padded and put on the devices there; the main
@@ -68,6 +69,8 @@ ApplyFn = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
 
 CACHE_FORMAT = "synthbandit_jax.features/1"
 DEFAULT_INCEPTION_TAPS = ("pool_192", "pool_2048")
+VGG_FC7_TAP = "vgg_fc7"
+VGG_LOGITS_TAP = "vgg_logits"
 _FEATURE_PREFIX = "feature__"
 NONFINITE_MODES = ("warn", "raise")
 
@@ -714,4 +717,64 @@ def inception_extractor(params: Any = None, *, batch_size: int = 64, dtype: Any 
 
   name = (f"inception_v3_fid(taps={','.join(taps)},dtype={jnp.dtype(dtype).name},"
           f"resize={resize},precision={precision})")
+  return FeatureExtractor(apply_fn, params, batch_size=batch_size, mesh=mesh, name=name)
+
+
+# ------------------------------------------------------------------------------------ vgg16
+
+
+def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = None,
+                    batch_size: int = 32, dtype: Any = jnp.float32,
+                    taps: Sequence[str] = (VGG_FC7_TAP,), mesh: Mesh | None = None,
+                    antialias: bool = True, precision: Any = None,
+                    cache_dir: str | os.PathLike | None = None) -> FeatureExtractor:
+  """A FeatureExtractor for torchvision VGG16's fc7 (4096-d, after ReLU): tap "vgg_fc7".
+
+  Images (uint8, any size, 1/3/4 channels) are resized to 224x224 (torch bilinear,
+  `antialias`) and ImageNet-normalised inside the jitted function
+  (`synthbandit_jax.models.vgg.preprocess`).
+
+  Args:
+    params: Flax params of `VGG16` (`synthbandit_jax.weights.vgg_import`); or
+    weights: a torchvision vgg16 state dict file (.pth needs torch once, then a msgpack
+      cache in `cache_dir` is used; .safetensors needs no torch). Exactly one of the two.
+    batch_size: a multiple of the mesh's device count.
+    dtype: compute dtype (jnp.bfloat16 on GPU/TPU); params stay float32, taps float32.
+    taps: "vgg_fc7" and/or "vgg_logits" (the latter needs fc8, params["classifier_6"]).
+    mesh: default all local devices.
+    antialias: resize antialiasing (see `synthbandit_jax.models.vgg`).
+    precision: conv/dense precision (e.g. jax.lax.Precision.HIGHEST).
+    cache_dir: msgpack params cache root for `weights` (default the assets cache).
+  """
+  from synthbandit_jax.models import vgg as vgg_lib  # pylint: disable=import-outside-toplevel
+  if (params is None) == (weights is None):
+    raise ValueError("vgg16_extractor needs exactly one of params= (VGG16 Flax params) or "
+                     "weights= (a torchvision vgg16 state dict file)")
+  if params is None:
+    from synthbandit_jax.weights import vgg_import  # pylint: disable=import-outside-toplevel
+    params = vgg_import.cached_vgg16_params(weights, cache_dir=cache_dir)
+  taps = tuple(taps)
+  known = (VGG_FC7_TAP, VGG_LOGITS_TAP)
+  unknown = [t for t in taps if t not in known]
+  if not taps or unknown:
+    raise ValueError(f"vgg16_extractor taps={list(taps)}: unknown {unknown}; choose from "
+                     f"{list(known)}")
+  with_logits = VGG_LOGITS_TAP in taps
+  if with_logits and "classifier_6" not in params:
+    raise ValueError(f"tap {VGG_LOGITS_TAP!r} needs fc8 (params['classifier_6']), which these "
+                     "params lack; drop it from taps or load a state dict with classifier.6")
+  num_classes = vgg_lib.NUM_CLASSES
+  if with_logits:
+    num_classes = int(np.shape(params["classifier_6"]["bias"])[0])
+  else:
+    params = {k: v for k, v in params.items() if k != "classifier_6"}
+  model = vgg_lib.VGG16(with_logits=with_logits, num_classes=num_classes, dtype=dtype,
+                        precision=precision, antialias=antialias)
+
+  def apply_fn(p, images):
+    out = model.apply({"params": p}, images)
+    return {t: out["fc7" if t == VGG_FC7_TAP else "logits"] for t in taps}
+
+  name = (f"vgg16_torchvision(taps={','.join(taps)},dtype={jnp.dtype(dtype).name},"
+          f"size={vgg_lib.INPUT_SIZE},antialias={antialias},precision={precision})")
   return FeatureExtractor(apply_fn, params, batch_size=batch_size, mesh=mesh, name=name)

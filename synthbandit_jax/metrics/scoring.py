@@ -52,6 +52,7 @@ from synthbandit_jax.metrics import usability
 PAPER_AGGREGATE_ORDER = ("dps", "fcs", "<fid>", "ssim", "psnr", "is")
 AGGREGATES = ("mean", "median", "min", "max")
 _INCEPTION = "Inception-V3 (FID network, TF 2015-12-05 weights)"
+_VGG16 = "VGG16 (torchvision layout)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +60,10 @@ class ScoringConfig:
   """Which features and settings feed each score.
 
   dps_tap: feature key for DPS (the reference used the Inception 192-d tap).
-  fcs_tap: feature key for FCS: "vgg_fc7" (the paper; needs VGG16 weights) or "pool_2048"
-    (the offline default). Features must be non-negative.
+  fcs_tap: feature key for FCS: "vgg_fc7" (the paper: VGG16 fc7 after ReLU, from
+    `features.vgg16_extractor` with torchvision vgg16 weights; the scoring stage's
+    score.fcs_backbone="vgg16") or "pool_2048" (the offline default). Features must be
+    non-negative.
   fid_taps: (column name, feature key) pairs of the per-image Frechet distance columns; a
     pair whose key is missing from the features is skipped with a warning.
   knn_tap: feature key for the realism score and PRDC (missing: both skipped with a warning).
@@ -129,7 +132,7 @@ def backbone_of(tap: str) -> str:
   """A readable name of the network behind a feature key ("pool_192" -> Inception-V3 ...)."""
   t = tap.lower()
   if t.startswith("vgg"):
-    return "VGG16 (fc7, after ReLU)" if "fc7" in t else "VGG16"
+    return _VGG16 + (" (fc7, 4096-d, after ReLU)" if "fc7" in t else "")
   if t.startswith(("pool_", "mixed_", "logits")):
     return _INCEPTION
   return f"unknown backbone (feature key {tap!r})"
