@@ -63,6 +63,21 @@ def _restrict(ds, keep: list[str]):
   return sub
 
 
+def real_splits(config) -> tuple[dict, list[dict]]:
+  """The real data of `config` split into train / val / test / holdout, and skipped files."""
+  real = real_lib.load_real(config.data.real, channels=int(config.data.channels) or None,
+                            image_size=_size(config),
+                            max_per_class=int(config.data.max_per_class) or None,
+                            seed=int(config.seed), alpha=config.data.alpha,
+                            resize_method=config.data.resize_method, fit=config.data.fit)
+  splits = splits_lib.make_splits(
+      real, val_fraction=float(config.data.val_fraction),
+      test_fraction=float(config.data.test_fraction),
+      holdout_fraction=float(config.data.holdout_fraction), seed=int(config.seed))
+  skipped = [dict(s, source="real") for ds in real.values() for s in ds.skipped]
+  return splits, skipped
+
+
 def prepare_inputs(config, workdir: str | Path, progress: bool = True,
                    load_scores: bool = True) -> Inputs:
   """Loads and splits the real data and builds/reads the synthetic pool for `config`.
@@ -72,20 +87,11 @@ def prepare_inputs(config, workdir: str | Path, progress: bool = True,
   scores.allow_missing is set; otherwise a mismatch is an error naming the ids).
   """
   workdir = Path(workdir)
-  channels = int(config.data.channels) or None
-  size = _size(config)
   image_opts = dict(alpha=config.data.alpha, resize_method=config.data.resize_method,
                     fit=config.data.fit)
-  real = real_lib.load_real(config.data.real, channels=channels, image_size=size,
-                            max_per_class=int(config.data.max_per_class) or None,
-                            seed=int(config.seed), **image_opts)
-  splits = splits_lib.make_splits(
-      real, val_fraction=float(config.data.val_fraction),
-      test_fraction=float(config.data.test_fraction),
-      holdout_fraction=float(config.data.holdout_fraction), seed=int(config.seed))
+  splits, skipped = real_splits(config)
   train, val, test = splits["train"], splits["val"], splits["test"]
   class_names = list(train.class_names)
-  skipped = [dict(s, source="real") for ds in real.values() for s in ds.skipped]
 
   kind = config.pool.kind
   if kind == "controlled":
