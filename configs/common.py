@@ -13,6 +13,8 @@ data.val_fraction         the bandit's reward split (of train when a test split 
 data.test_fraction        used only when the dataset has no test split of its own
 data.holdout_fraction     real train images held out to build the controlled pool
 data.max_per_class        0 = all images; else subsample each class (seeded)
+data.split_seed           seed of the splits and subsample; -1 = the run seed (a grid over
+                          seeds with fixed data sets it to 0)
 data.class_mismatch       "error" | "intersect": real and synthetic class sets differ
 data.on_device            True: bank on device, one jitted call per epoch;
                           False: host streaming with prefetch
@@ -35,7 +37,17 @@ score.fcs_backbone        FCS features: "inception" (2048-d pool tap) | "vgg16" 
 score.vgg16_weights       torchvision vgg16 state dict (.pth/.safetensors) for fcs_backbone=vgg16;
                           make it where there is internet: torch.save(torchvision.models.vgg16(
                           weights="IMAGENET1K_V1").state_dict(), path)
-generate.model            launch/generate.py: diffusers SD 1.x/2.x directory or hub id (cached)
+attributes.prompt_names   launch/run.py: the name the LLM and prompts use per real class, in class
+                          order ("" = the class names; MNIST: "zero,one,...,nine")
+attributes.file           JSON {class: {category: [values]}} (or an attributes.json): no LLM
+attributes.llm.*          gguf ("" = SmolLM2 asset), max_new_tokens, temperature, top_p,
+                          retries, min_categories, batch_size (see configs/attributes.py)
+attributes.images_per_class / style   prompts per class; "photo" | "art" | "both"
+generator.*               launch/run.py with generate.model="offline": the demo's own small
+                          text-to-image model (fields of generation.train_generator's
+                          GeneratorConfig; see its docstring)
+generate.model            launch/generate.py: diffusers SD 1.x/2.x directory or hub id (cached);
+                          launch/run.py: "offline" = the generator stage's model
 generate.prompts          prompts.jsonl ("" = WORKDIR/prompts.jsonl)
 generate.out              pool directory to write ("" = WORKDIR/pool)
 generate.sampler          "dpmpp_2m" | "ddim" | "euler"
@@ -61,7 +73,8 @@ model.frozen_backbone     train only the head
 optim.name                "sgd" | "adam" | "adamw"
 optim.learning_rate, optim.momentum, optim.weight_decay, optim.schedule ("constant"|"cosine")
 train.modes               comma list: real, synthetic, mixNN (NN = % synthetic), topk:COL,
-                          group:NAME, bandit, bandit:ALGO, uniform
+                          group:NAME, bandit, bandit:ALGO, bandit:paper (UCB1, c=2, reward
+                          in %, whatever bandit.* says), uniform
 train.epochs, train.batch_size, train.eval_batch_size
 train.warmup_epochs       bandit modes: first train this many epochs on the real split
                           before the bandit plays (0 = off; the paper has none)
@@ -94,6 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.2
   c.data.holdout_fraction = 0.0
   c.data.max_per_class = 0
+  c.data.split_seed = -1
   c.data.class_mismatch = "error"
   c.data.on_device = True
   c.data.prefetch = 2
@@ -121,6 +135,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.ssim_max_refs = 64
   c.score.fcs_backbone = "inception"
   c.score.vgg16_weights = ""
+
+  c.attributes = ml_collections.ConfigDict()
+  c.attributes.prompt_names = ""
+  c.attributes.file = ""
+  c.attributes.images_per_class = 50
+  c.attributes.style = "photo"
+  c.attributes.llm = ml_collections.ConfigDict()
+  c.attributes.llm.gguf = ""
+  c.attributes.llm.max_new_tokens = 96
+  c.attributes.llm.temperature = 0.7
+  c.attributes.llm.top_p = 0.9
+  c.attributes.llm.retries = 2
+  c.attributes.llm.min_categories = 1
+  c.attributes.llm.batch_size = 16
+
+  c.generator = generator_defaults()
 
   c.generate = ml_collections.ConfigDict()
   c.generate.model = ""
@@ -193,6 +223,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.debug = ml_collections.ConfigDict()
   c.debug.crash_after_epoch = -1
   return c
+
+
+def generator_defaults() -> ml_collections.ConfigDict:
+  """The generator stage's settings: GeneratorConfig's fields (defaults from there)."""
+  from synthbandit_jax.generation import train_generator  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(train_generator.config_defaults())
 
 
 def paper_bandit(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -63,17 +63,24 @@ def _restrict(ds, keep: list[str]):
   return sub
 
 
+def split_seed(config) -> int:
+  """The seed of the real-data subsample and splits: data.split_seed, or seed when < 0."""
+  value = int(config.data.get("split_seed", -1))
+  return int(config.seed) if value < 0 else value
+
+
 def real_splits(config) -> tuple[dict, list[dict]]:
   """The real data of `config` split into train / val / test / holdout, and skipped files."""
+  seed = split_seed(config)
   real = real_lib.load_real(config.data.real, channels=int(config.data.channels) or None,
                             image_size=_size(config),
                             max_per_class=int(config.data.max_per_class) or None,
-                            seed=int(config.seed), alpha=config.data.alpha,
+                            seed=seed, alpha=config.data.alpha,
                             resize_method=config.data.resize_method, fit=config.data.fit)
   splits = splits_lib.make_splits(
       real, val_fraction=float(config.data.val_fraction),
       test_fraction=float(config.data.test_fraction),
-      holdout_fraction=float(config.data.holdout_fraction), seed=int(config.seed))
+      holdout_fraction=float(config.data.holdout_fraction), seed=seed)
   skipped = [dict(s, source="real") for ds in real.values() for s in ds.skipped]
   return splits, skipped
 
@@ -105,7 +112,7 @@ def prepare_inputs(config, workdir: str | Path, progress: bool = True,
     logging.info("controlled pool in %s from %d held-out images", root, len(holdout))
     try:
       controlled_lib.build_controlled_pool(
-          holdout.images, holdout.labels, class_names, root, seed=int(config.seed),
+          holdout.images, holdout.labels, class_names, root, seed=split_seed(config),
           kinds=_csv(config.pool.kinds),
           severities=tuple(int(s) for s in _csv(config.pool.severities)),
           copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,

@@ -41,8 +41,10 @@ from synthbandit_jax.training import inputs as inputs_lib
 from synthbandit_jax.training import optim as optim_lib
 
 # Config sections that do not change a run's numbers (resuming with other values is fine).
+# score / attributes / generator / generate: the earlier stages' own settings (the pipeline
+# tracks what they change through its stage hashes).
 _NOT_FINGERPRINTED = ("debug", "parallel", "checkpoint", "train.epochs", "data.on_device",
-                      "data.prefetch", "score")  # score.*: the scoring stage's own settings
+                      "data.prefetch", "score", "attributes", "generator", "generate")
 
 
 class FinishedRunError(RuntimeError):
@@ -170,6 +172,13 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   if uses_bandit:
     if mode == "uniform":
       bandit, bandit_name = bandits_lib.uniform(), "uniform"
+    elif mode == "bandit:paper":
+      # The reference code's bandit whatever bandit.* says: UCB1, c = 2, reward = val
+      # accuracy in percent.
+      bandit_name = "paper"
+      bandit = bandits_lib.make_bandit("ucb1", c=2.0)
+      if reward_fn is None:
+        reward_fn = bandits_lib.reward_fn("accuracy", 100.0)
     elif mode.startswith("bandit:"):
       bandit_name = mode.split(":", 1)[1]
       bandit = bandit_from_config(config.bandit, bandit_name)
