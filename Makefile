@@ -27,7 +27,7 @@ $(TORCH_STAMP): $(STAMP)
 	@touch $(TORCH_STAMP)
 
 demo: $(STAMP)
-	$(PY) -m launch.train --config=configs/demo.py --workdir=$(WORKDIR)
+	$(PY) -m launch.run --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(TORCH_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

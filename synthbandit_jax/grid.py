@@ -9,6 +9,9 @@
   grid.modes      comma list of training modes; the metric dimension is the topk:<metric>
                   modes (topk:ssim, topk:psnr, topk:fid_2048, topk:dps, topk:fcs, topk:u...)
   grid.seeds      comma list of training seeds
+  grid.split_seed the real splits' seed, fixed across the grid's seeds (default 0)
+  grid.generated_from  a finished demo workdir whose pool and scores.csv the "generated"
+                  dataset reuses (its split seed must be grid.split_seed)
 
 Per dataset, the upstream stages (attributes, generator, generation, scoring) run once with
 the pipeline into ``WORKDIR/<dataset>/`` (cached like any pipeline run), with the real splits
@@ -47,6 +50,14 @@ def dataset_config(config, name: str) -> ml_collections.ConfigDict:
     c.data.holdout_fraction = 0.0
     c.pool.kind, c.pool.path = "dir", ""
     c.generate.model = pipeline.OFFLINE_MODEL
+    src = str(c.grid.get("generated_from", "") or "")
+    if src:  # reuse a finished demo's pool and scores (same real splits: split seed 0)
+      pool_dir, scores = Path(src) / "pool", Path(src) / "scores.csv"
+      for p in (pool_dir / "metadata.jsonl", scores):
+        if not p.exists():
+          raise FileNotFoundError(f"grid.generated_from={src}: {p} is missing; run the demo "
+                                  "there first (make demo WORKDIR=...)")
+      c.pool.path, c.scores.path, c.scores.allow_missing = str(pool_dir), str(scores), True
   elif name == "controlled":
     c.data.real = "mnist5k"
     c.data.holdout_fraction = 0.4
