@@ -184,11 +184,8 @@ def _run_report(config, workdir: Path, progress: bool) -> dict:
   sio.atomic_write_json(workdir / "results.json", summary)
   scores = Path(config.scores.path) if config.scores.path else None
   pool_dir = Path(config.pool.path) if config.pool.path else workdir / "pool"
-  if hasattr(report, "write_html_report"):
-    report.write_html_report(workdir, summary, scores_path=scores, pool_dir=pool_dir,
-                             stages=state)
-  report.write_report(workdir, summary)
-  return {"files": 2}
+  report.write_report(workdir, summary, scores_path=scores, pool_dir=pool_dir, stages=state)
+  return {"report": "report.html, report.md"}
 
 
 _TRAIN_KEYS = ("seed", "data", "pool", "scores", "arms", "model", "optim", "train", "bandit")
