@@ -145,7 +145,9 @@ def _run_generator(config, workdir: Path, progress: bool) -> dict:
   summary = tg.train_generator(train.images, train.labels, list(train.class_names),
                                _prompts_by_class(workdir), workdir / "generator", gcfg,
                                progress=progress)
-  return {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+  keep = ("vae_loss_last", "unet_loss_last", "images_seen", "resumed_from_step",
+          "time_total_s")
+  return {k: summary[k] for k in keep if k in summary}
 
 
 def _model_path(config, workdir: Path) -> str:
@@ -199,7 +201,13 @@ def _train_outputs(workdir: Path) -> list[Path]:
 def _train_superseded(config, workdir: Path) -> list[Path]:
   from synthbandit_jax.training import trainer  # pylint: disable=g-import-not-at-top
   modes = [m.strip() for m in str(config.train.modes).split(",") if m.strip()]
-  paths = [workdir / trainer.mode_dirname(m) for m in modes]
+  previous = workdir / "config.json"  # the trainer's record of the modes it last ran
+  if previous.is_file():
+    try:
+      modes += str(sio.read_json(previous)["train"]["modes"]).split(",")
+    except (KeyError, TypeError, ValueError):
+      pass
+  paths = sorted({workdir / trainer.mode_dirname(m.strip()) for m in modes if m.strip()})
   return paths + [workdir / n for n in ("results.json", "report.md", "config.json")]
 
 
