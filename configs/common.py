@@ -52,6 +52,8 @@ generate.prompts          prompts.jsonl ("" = WORKDIR/prompts.jsonl)
 generate.out              pool directory to write ("" = WORKDIR/pool)
 generate.sampler          "dpmpp_2m" | "ddim" | "euler"
 generate.steps / guidance_scale / clip_skip   sampling; guidance <= 1 skips the uncond pass
+generate.negative_prompts use the prompts' negative prompts for the unconditional pass (False:
+                          the empty prompt; right for models trained without them)
 generate.height / width   0 = the UNet's native size
 generate.batch_size       images per jitted call (global; a multiple of the device count)
 generate.shard_size       prompts per pool shard (the unit of resuming)
@@ -160,6 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.steps = 25
   c.generate.guidance_scale = 7.5
   c.generate.clip_skip = 0
+  c.generate.negative_prompts = True
   c.generate.height = 0
   c.generate.width = 0
   c.generate.batch_size = 8

@@ -48,7 +48,7 @@ ON_BAD = ("regenerate", "flag", "drop")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Keys whose change alters the images: a resume with other values is refused.
 _IDENTITY_KEYS = ("model", "sampler", "steps", "guidance_scale", "height", "width", "seed",
-                  "clip_skip", "prompts_sha256")
+                  "clip_skip", "negative_prompts", "prompts_sha256")
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -120,6 +120,7 @@ def _identity(g, model_name: str, prompts_path: Path) -> dict:
   return {"model": model_name, "sampler": str(g.sampler), "steps": int(g.steps),
           "guidance_scale": float(g.guidance_scale), "height": int(g.height),
           "width": int(g.width), "seed": int(g.seed), "clip_skip": int(g.clip_skip),
+          "negative_prompts": bool(g.negative_prompts),
           "prompts_sha256": _sha256(prompts_path)}
 
 
@@ -146,7 +147,7 @@ def generate_pool(pipeline, rows: Sequence[dict], pool_dir: str | Path, *, setti
                   black_level: int = 4, source: str | None = None,
                   process_index: int = 0, process_count: int = 1, mesh=None,
                   identity: dict | None = None, progress: bool = True,
-                  max_shards: int | None = None) -> dict:
+                  max_shards: int | None = None, negative_prompts: bool = True) -> dict:
   """Generates `rows` into the pool at `pool_dir`; returns counts (see module docstring)."""
   if on_bad not in ON_BAD:
     raise ValueError(f"generate.on_bad must be one of {ON_BAD}, got {on_bad!r}")
@@ -183,7 +184,8 @@ def generate_pool(pipeline, rows: Sequence[dict], pool_dir: str | Path, *, setti
       chunk = shard_rows[b:b + batch_size]
       ids = [r["id"] for r in chunk]
       tok = pipeline.tokenize([r["prompt"] for r in chunk])
-      unc = pipeline.tokenize([r.get("negative_prompt") or "" for r in chunk])
+      unc = pipeline.tokenize([(r.get("negative_prompt") or "") if negative_prompts else ""
+                               for r in chunk])
       noise = _noise(seed, ids, latent_shape)
       out = run(tok, unc, noise)
       flags = bad_image_flags(out, black_level)
@@ -273,7 +275,8 @@ def run_generation(config, workdir: str | Path, *, progress: bool = True,
       pipeline, rows, pool_dir, settings=settings, seed=int(g.seed),
       batch_size=int(g.batch_size), shard_size=int(g.shard_size), on_bad=str(g.on_bad),
       black_level=int(g.black_level), process_index=jax.process_index(),
-      process_count=jax.process_count(), identity=ident, progress=progress)
+      process_count=jax.process_count(), identity=ident, progress=progress,
+      negative_prompts=bool(g.negative_prompts))
   summary.update({"pool": str(pool_dir), "prompts": str(prompts_path), "images": len(rows),
                   "model": ident["model"], "dtype": g.dtype,
                   "devices": jax.device_count(), "backend": jax.default_backend()})
