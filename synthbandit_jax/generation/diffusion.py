@@ -178,6 +178,11 @@ class Pipeline:
     g = jnp.float32(s.guidance_scale)
 
     def sample(params, ids, uncond_ids, noise):
+      # Params stay float32 in the Pipeline; the UNet's copy in the compute dtype is made
+      # once per call here, not re-cast inside every denoising step.
+      unet_params = jax.tree.map(
+          lambda a: a.astype(un.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+          params["unet"])
       enc = lambda x: te.apply({"params": params["text_encoder"]}, x, clip_skip=s.clip_skip)[0]
       ctx = enc(ids)
       if guided:
@@ -185,7 +190,7 @@ class Pipeline:
 
       def model_fn(x, t):
         xin = jnp.concatenate([x, x], axis=0) if guided else x
-        out = un.apply({"params": params["unet"]}, xin.astype(un.dtype), t, ctx)
+        out = un.apply({"params": unet_params}, xin.astype(un.dtype), t, ctx)
         out = out.astype(jnp.float32)
         if guided:
           eps_u, eps_c = jnp.split(out, 2, axis=0)
