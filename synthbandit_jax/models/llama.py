@@ -208,7 +208,10 @@ class Llama(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, tokens, positions=None, mask=None, cache: Cache | None = None):
+  def __call__(self, tokens, positions=None, mask=None, cache: Cache | None = None,
+               logits_at: jax.Array | None = None):
+    """`logits_at` [B] (optional): compute the logits only at these positions -> [B, 1, V]
+    (a prompt's prefill needs only its last real token's logits)."""
     c = self.config
     b, t = tokens.shape
     if mask is None:
@@ -236,6 +239,8 @@ class Llama(nn.Module):
                      length=c.num_layers)
     x, (k_new, v_new) = blocks(c, self.dtype, self.attention_impl, name="layers")(
         x, positions, attn_mask, index, (cache["k"], cache["v"]))
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
     if c.tie_word_embeddings:
       logits = embed.attend(x)
@@ -297,9 +302,10 @@ def generate(params: PyTree, config: LlamaConfig, prompt_tokens: jax.Array,
   mask = prompt_mask.astype(bool)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   cache = init_cache(config, b, t + max_new_tokens, dtype)
-  logits, cache = model.apply({"params": params}, prompt_tokens, positions, mask, cache)
   last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-  next_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  logits, cache = model.apply({"params": params}, prompt_tokens, positions, mask, cache,
+                              logits_at=last)
+  next_logits = logits[:, 0]
   next_pos = jnp.sum(mask, axis=1).astype(jnp.int32)  # position of the first new token
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
