@@ -71,7 +71,7 @@ def get_config(arg: str | None = None):
   c.arms.k = 40
   c.arms.controls = "random"
   c.arms.add_real = True
-  c.train.modes = "real,synthetic,mix50,topk:u,bandit,uniform"
+  c.train.modes = "real,synthetic,mix25,topk:u,bandit,uniform"
 
   if arg == "controlled":
     controlled(c)
