@@ -37,29 +37,13 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from synthbandit_jax import io as sio
+from synthbandit_jax.training import trainer
 
 log = logging.getLogger(__name__)
 
 STAGES = ("attributes", "generator", "generate", "score", "train", "report")
 STATE_FILE = "stages.json"
 OFFLINE_MODEL = "offline"
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def _config_dict(config) -> dict:
-  if isinstance(config, ml_collections.ConfigDict):
-    return json.loads(config.to_json())
-  return json.loads(json.dumps(config))
 
 
 def _select(flat: dict, prefixes: Sequence[str], exclude: Sequence[str] = ()) -> dict:
@@ -172,7 +156,6 @@ def _run_score(config, workdir: Path, progress: bool) -> dict:
 
 
 def _run_train(config, workdir: Path, progress: bool) -> dict:
-  from synthbandit_jax.training import trainer  # pylint: disable=g-import-not-at-top
   s = trainer.run(config, workdir, progress=progress)
   return {row["mode"]: round(float(row["test_accuracy"]), 4) for row in s["comparison"]}
 
@@ -199,7 +182,6 @@ def _train_outputs(workdir: Path) -> list[Path]:
 
 
 def _train_superseded(config, workdir: Path) -> list[Path]:
-  from synthbandit_jax.training import trainer  # pylint: disable=g-import-not-at-top
   modes = [m.strip() for m in str(config.train.modes).split(",") if m.strip()]
   previous = workdir / "config.json"  # the trainer's record of the modes it last ran
   if previous.is_file():
@@ -234,7 +216,7 @@ STAGE_DEFS = {
 
 def resolve_config(config, workdir: Path) -> ml_collections.ConfigDict:
   """The config with the pipeline's own paths filled in (pool, scores)."""
-  cfg = ml_collections.ConfigDict(_config_dict(config))
+  cfg = ml_collections.ConfigDict(trainer.config_dict(config))
   if cfg.pool.kind == "dir" and not cfg.pool.path:
     cfg.pool.path = str(workdir / "pool")
   if cfg.arms.source == "scores" and not cfg.scores.path:
@@ -321,7 +303,7 @@ def run_pipeline(config, workdir: str | Path, *, stages: Sequence[str] | None = 
     raise ValueError(f"unknown stage(s) {unknown}; the stages are {list(STAGES)}")
   why_not = enabled_stages(config)
   cfg = resolve_config(config, workdir)
-  flat = _flatten(_config_dict(cfg))
+  flat = trainer.flatten_config(trainer.config_dict(cfg))
   state = _read_state(workdir)
   hashes: dict[str, str] = {}
   t_all = time.perf_counter()

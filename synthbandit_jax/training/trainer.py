@@ -51,12 +51,13 @@ class FinishedRunError(RuntimeError):
   """Raised by `train_mode(..., if_finished="error")` for a finished run directory."""
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(d: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
   out = {}
   for k, v in d.items():
     key = f"{prefix}{k}"
     if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
+      out.update(flatten_config(v, key + "."))
     else:
       out[key] = v
   return out
@@ -70,7 +71,7 @@ def config_dict(config) -> dict:
 
 def fingerprint(config) -> tuple[str, dict[str, Any]]:
   """A hash over the config keys that change a run's numbers, and those keys."""
-  flat = _flatten(config_dict(config))
+  flat = flatten_config(config_dict(config))
   keep = {k: v for k, v in flat.items()
           if not any(k == p or k.startswith(p + ".") for p in _NOT_FINGERPRINTED)}
   blob = json.dumps(keep, sort_keys=True).encode()
