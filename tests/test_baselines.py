@@ -122,6 +122,27 @@ def test_max_refs_subsamples():
   assert not np.allclose(a[1], full[1])
 
 
+def test_references_chosen_once_score_any_pieces_alike():
+  """choose_ssim_references + ssim_psnr_with_references on shuffled pieces of any size equal
+  ssim_psnr_against_references on the whole set (what the streaming stage relies on)."""
+  rng = np.random.default_rng(6)
+  imgs, labels = _images(rng, 23, 12, 12, 3), rng.integers(0, 3, 23)
+  refs, ref_labels = _images(rng, 40, 12, 12, 3), rng.integers(0, 3, 40)
+  for same in (True, False):
+    whole = b.ssim_psnr_against_references(imgs, labels, refs, ref_labels, same_class=same,
+                                           max_refs=6, seed=2, max_elements=5000)
+    chosen = b.choose_ssim_references(labels, refs, ref_labels, same_class=same, max_refs=6,
+                                      seed=2, max_elements=5000)
+    s, p = np.full(23, np.nan), np.full(23, np.nan)
+    order = rng.permutation(23)
+    for piece in np.split(order, [1, 4, 11, 12]):
+      s[piece], p[piece] = b.ssim_psnr_with_references(imgs[piece], labels[piece], chosen)
+    np.testing.assert_allclose(s, whole[0], rtol=1e-6)
+    np.testing.assert_allclose(p, whole[1], rtol=1e-6)
+  with pytest.raises(ValueError, match="references"):
+    b.ssim_psnr_with_references(imgs[:, :8], labels, chosen)
+
+
 def test_inception_score_against_scipy_entropy():
   rng = np.random.default_rng(6)
   logits = rng.normal(size=(40, 6)) * 2

@@ -210,6 +210,21 @@ def test_iter_pool_batches_and_skips(tmp_path):
   np.testing.assert_array_equal(pool_lib.read_pool(tmp_path).images, got_imgs)
 
 
+def test_iter_pool_ids_reads_those_rows_in_that_order(tmp_path):
+  rng = np.random.default_rng(7)
+  images, ids, _, _ = _write_two_shards(tmp_path, rng)
+  want = [ids[5], ids[0], ids[3]]
+  reader = pool_lib.iter_pool(tmp_path, batch_size=2, ids=want)
+  assert len(reader) == 3
+  got = [(r["id"], img) for batch, rows in reader for r, img in zip(rows, batch)]
+  assert [i for i, _ in got] == want
+  np.testing.assert_array_equal(np.stack([img for _, img in got]), images[[5, 0, 3]])
+  with pytest.raises(KeyError, match=r"1 of the 2 requested ids.*'nope'"):
+    pool_lib.iter_pool(tmp_path, batch_size=2, ids=[ids[0], "nope"])
+  with pytest.raises(ValueError, match="duplicate"):
+    pool_lib.iter_pool(tmp_path, batch_size=2, ids=[ids[0], ids[0]])
+
+
 def test_summary_and_subset(tmp_path):
   rng = np.random.default_rng(6)
   images, ids, classes, _ = _write_two_shards(tmp_path, rng)

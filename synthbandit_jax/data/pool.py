@@ -456,16 +456,23 @@ class PoolReader:
   `class_names`, `class_index` (class name -> label). `skipped` lists rows left out
   ({"id", "path", "reason"}): unknown classes at once, corrupt/missing files as iteration
   reaches them; it is complete once the iteration ends. Iterating again starts over.
+
+  `ids` restricts the read to those rows, in that order (e.g. a seeded subsample, or one
+  process's slice of the pool); an id that the metadata lacks raises a KeyError naming the
+  first such ids. Ids of rows left out by the class filter stay left out (in `skipped`).
   """
 
   def __init__(self, root: str | os.PathLike, *, batch_size: int,
                class_names: Sequence[str] | None = None, channels: int | None = 3,
                image_size: Any = None, alpha: str = "white", resize_method: str = "bilinear",
-               fit: str = "stretch", unknown_classes: str = "error"):
+               fit: str = "stretch", unknown_classes: str = "error",
+               ids: Sequence[str] | None = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size = batch_size
     self.root, rows = read_pool_rows(root)
+    if ids is not None:
+      rows = _select_rows(rows, ids, self.root)
     self.class_names, self.rows, self._class_skipped = _resolve_classes(
         rows, class_names, unknown_classes, self.root)
     self.class_index = {n: k for k, n in enumerate(self.class_names)}
@@ -503,11 +510,25 @@ class PoolReader:
       yield np.stack(batch), batch_rows
 
 
+def _select_rows(rows: list[dict], ids: Sequence[str], base: Path) -> list[dict]:
+  """The rows of `ids`, in that order; KeyError naming the first ids the pool lacks."""
+  by_id = {r["id"]: r for r in rows}
+  ids = [str(i) for i in ids]
+  missing = [i for i in ids if i not in by_id]
+  if missing:
+    raise KeyError(
+        f"{base}: {len(missing)} of the {len(ids)} requested ids are not in the pool's "
+        f"metadata, first: {missing[:5]}; the ids must come from this pool's metadata.jsonl")
+  _check_unique([(i, f"ids[{k}]") for k, i in enumerate(ids)], f"{base}: requested ids")
+  return [by_id[i] for i in ids]
+
+
 def iter_pool(root: str | os.PathLike, *, batch_size: int, **options: Any) -> PoolReader:
   """Streams a pool in batches; returns an iterable PoolReader.
 
-  `options` are those of `read_pool`. The last batch may be smaller. Rows left out (unknown
-  classes, corrupt or missing files) are in `reader.skipped` once iteration ends:
+  `options` are those of `read_pool`, plus `ids` (read only those rows, in that order; see
+  `PoolReader`). The last batch may be smaller. Rows left out (unknown classes, corrupt or
+  missing files) are in `reader.skipped` once iteration ends:
 
     reader = iter_pool(root, batch_size=64, image_size=299)
     for images, rows in reader: ...

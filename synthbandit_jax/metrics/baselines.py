@@ -129,7 +129,9 @@ def _psnr_from_mse(mse: np.ndarray, data_range: float) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("data_range",))
 def _pairs(a, b, gh, gw, data_range):
-  """SSIM [B, R] and MSE [B, R] of every image of a [B,H,W,C] against every one of b."""
+  """SSIM [B, R] and MSE [B, R] of every image of a [B,H,W,C] against every one of b
+  (any real or integer dtype; computed in float32)."""
+  a, b = a.astype(jnp.float32), b.astype(jnp.float32)
   off = 0.5 * data_range
   ac, bc = a - off, b - off
   mu_a, mu_b = _local(ac, gh, gw), _local(bc, gh, gw)
@@ -144,6 +146,132 @@ def _pairs(a, b, gh, gw, data_range):
 
 
 REDUCTIONS = ("mean", "max")
+ALL_CLASSES = -1  # SSIMReferences.groups key of the references of all classes
+
+
+@dataclasses.dataclass(frozen=True)
+class SSIMReferences:
+  """Real reference images for SSIM/PSNR, chosen once by `choose_ssim_references`, so that
+  images can be scored in any order and in any pieces (streamed batches, one process's slice
+  of a pool) with the same references.
+
+  groups: class index -> uint8 [R_c, H, W, C] references of that class (same_class=True), or
+    {ALL_CLASSES: references of all classes}. A class without references has no entry; its
+    images get NaN.
+  same_class, reduce, data_range, max_elements: see `ssim_psnr_against_references`.
+  """
+  groups: dict
+  same_class: bool = True
+  reduce: str = "mean"
+  data_range: float = 255.0
+  max_elements: int = 1 << 24
+
+  @property
+  def image_shape(self) -> tuple[int, ...] | None:
+    """(H, W, C) of the references (None without any)."""
+    for g in self.groups.values():
+      return tuple(g.shape[1:])
+    return None
+
+
+def _nhwc_host(x, name: str) -> np.ndarray:
+  x = np.asarray(x)
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4:
+    raise ValueError(f"{name} must be [N, H, W] or [N, H, W, C] images, got shape {x.shape}")
+  return x
+
+
+def choose_ssim_references(classes, ref_images, ref_labels, *, same_class: bool = True,
+                           max_refs: int | None = 64, reduce: str = "mean", seed: int = 0,
+                           data_range: float = 255.0, max_elements: int = 1 << 24
+                           ) -> SSIMReferences:
+  """The references each image will be compared with (see `ssim_psnr_against_references`).
+
+  classes: the class indices that will be scored (e.g. the labels of the whole pool; only
+  their unique values matter). With same_class=True, for each of them in ascending order,
+  the references of that class, or a seeded random subset of `max_refs` of them
+  (np.random.default_rng(seed); a class with no more than max_refs references draws
+  nothing); with same_class=False one subset of all references. ref_images [R, H, W(, C)]
+  (copied, as uint8 when they are uint8) with ref_labels [R].
+  """
+  if reduce not in REDUCTIONS:
+    raise ValueError(f"reduce={reduce!r} is not one of {REDUCTIONS}")
+  r = _nhwc_host(ref_images, "ref_images")
+  ry = np.asarray(ref_labels)
+  if ry.shape != (r.shape[0],):
+    raise ValueError(f"ref_labels {ry.shape} must match the {r.shape[0]} reference images")
+  rng = np.random.default_rng(seed)
+  if same_class:
+    wanted = [(int(c), np.flatnonzero(ry == c)) for c in np.unique(np.asarray(classes))]
+  else:
+    wanted = [(ALL_CLASSES, np.arange(r.shape[0]))]
+  groups = {}
+  for c, ref_idx in wanted:
+    if ref_idx.size == 0:
+      logging.getLogger(__name__).warning(
+          "SSIM/PSNR: no reference images for class %s; its images get NaN", c)
+      continue
+    if max_refs is not None and ref_idx.size > max_refs:
+      ref_idx = np.sort(rng.choice(ref_idx, size=max_refs, replace=False))
+    groups[c] = np.array(r[ref_idx])
+  return SSIMReferences(groups=groups, same_class=same_class, reduce=reduce,
+                        data_range=float(data_range), max_elements=int(max_elements))
+
+
+def _bucket(n: int, cap: int) -> int:
+  """The padded size of a piece of n images: the next power of two, at most cap (so that
+  pieces of any size compile a handful of shapes)."""
+  return min(cap, 1 << max(0, int(n - 1).bit_length()))
+
+
+def ssim_psnr_with_references(images, labels, refs: SSIMReferences
+                              ) -> tuple[np.ndarray, np.ndarray]:
+  """SSIM and PSNR of each image against `refs` (from `choose_ssim_references`):
+  ([N], [N]) float64, reduced over the references by refs.reduce. An image's values depend
+  only on the image and its class's references, never on the other images passed with it,
+  so a pool can be scored in batches. Images of a class without references get NaN."""
+  x = _nhwc_host(images, "images")
+  y = np.asarray(labels)
+  if y.shape != (x.shape[0],):
+    raise ValueError(f"labels {y.shape} must match the {x.shape[0]} images")
+  shape = refs.image_shape
+  if shape is not None and tuple(x.shape[1:]) != shape:
+    raise ValueError(f"images {x.shape} and the references {shape} must be [N, H, W(, C)] of "
+                     "one H, W, C; resize the references to the synthetic image size first")
+  out_ssim = np.full(x.shape[0], np.nan)
+  out_psnr = np.full(x.shape[0], np.nan)
+  if shape is None or x.shape[0] == 0:
+    return out_ssim, out_psnr
+  size = window_size(x.shape[1], x.shape[2])
+  gh = jnp.asarray(_filter_matrix(x.shape[1], size, SSIM_SIGMA))
+  gw = jnp.asarray(_filter_matrix(x.shape[2], size, SSIM_SIGMA))
+  if refs.same_class:
+    groups = [(c, np.flatnonzero(y == c)) for c in np.unique(y)]
+  else:
+    groups = [(ALL_CLASSES, np.arange(x.shape[0]))]
+  per_pair = int(np.prod(x.shape[1:]))
+  for c, idx in groups:
+    ref = refs.groups.get(int(c))
+    if ref is None:
+      continue
+    ref_dev = jnp.asarray(ref)
+    cap = max(1, refs.max_elements // (per_pair * ref.shape[0]))
+    for start in range(0, idx.size, cap):
+      sel = idx[start:start + cap]
+      batch = x[sel]
+      pad = _bucket(sel.size, cap) - sel.size
+      if pad:
+        batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
+      s, mse = _pairs(jnp.asarray(batch), ref_dev, gh, gw, refs.data_range)
+      s = np.asarray(s, np.float64)[:sel.size]
+      p = _psnr_from_mse(np.asarray(mse, np.float64)[:sel.size], refs.data_range)
+      if refs.reduce == "mean":
+        out_ssim[sel], out_psnr[sel] = s.mean(axis=1), p.mean(axis=1)
+      else:
+        out_ssim[sel], out_psnr[sel] = s.max(axis=1), p.max(axis=1)
+  return out_ssim, out_psnr
 
 
 def ssim_psnr_against_references(images, labels, ref_images, ref_labels, *,
@@ -161,55 +289,23 @@ def ssim_psnr_against_references(images, labels, ref_images, ref_labels, *,
   over the references, "max" takes the best match (highest SSIM, highest PSNR; a copy of a
   reference then scores SSIM 1 and PSNR +inf). Images of a class without references get NaN
   and a warning. Work is chunked so that one chunk holds about `max_elements` floats.
+
+  The same as `choose_ssim_references(labels, ...)` then `ssim_psnr_with_references`; use
+  those two to score images in pieces (streaming) with one choice of references.
   """
-  if reduce not in REDUCTIONS:
-    raise ValueError(f"reduce={reduce!r} is not one of {REDUCTIONS}")
-  x = np.asarray(images)
-  r = np.asarray(ref_images)
-  if x.ndim == 3:
-    x = x[..., None]
-  if r.ndim == 3:
-    r = r[..., None]
-  if x.ndim != 4 or r.shape[1:] != x.shape[1:]:
+  x = _nhwc_host(images, "images")
+  r = _nhwc_host(ref_images, "ref_images")
+  if r.shape[1:] != x.shape[1:]:
     raise ValueError(f"images {x.shape} and ref_images {r.shape} must be [N, H, W(, C)] of "
                      "one H, W, C; resize the references to the synthetic image size first")
   y, ry = np.asarray(labels), np.asarray(ref_labels)
   if y.shape != (x.shape[0],) or ry.shape != (r.shape[0],):
     raise ValueError(f"labels {y.shape} / ref_labels {ry.shape} must match the image counts "
                      f"{x.shape[0]} / {r.shape[0]}")
-  rng = np.random.default_rng(seed)
-  size = window_size(x.shape[1], x.shape[2])
-  gh = jnp.asarray(_filter_matrix(x.shape[1], size, SSIM_SIGMA))
-  gw = jnp.asarray(_filter_matrix(x.shape[2], size, SSIM_SIGMA))
-  out_ssim = np.full(x.shape[0], np.nan)
-  out_psnr = np.full(x.shape[0], np.nan)
-  groups = [(c, np.flatnonzero(y == c), np.flatnonzero(ry == c)) for c in np.unique(y)]
-  if not same_class:
-    groups = [(None, np.arange(x.shape[0]), np.arange(r.shape[0]))]
-  per_pair = int(np.prod(x.shape[1:]))
-  for c, idx, ref_idx in groups:
-    if ref_idx.size == 0:
-      logging.getLogger(__name__).warning(
-          "SSIM/PSNR: no reference images for class %s; its %d images get NaN", c, idx.size)
-      continue
-    if max_refs is not None and ref_idx.size > max_refs:
-      ref_idx = np.sort(rng.choice(ref_idx, size=max_refs, replace=False))
-    refs = jnp.asarray(r[ref_idx], jnp.float32)
-    chunk = max(1, min(idx.size, max_elements // (per_pair * ref_idx.size)))
-    for start in range(0, idx.size, chunk):
-      sel = idx[start:start + chunk]
-      batch = x[sel].astype(np.float32)
-      if batch.shape[0] < chunk:
-        batch = np.concatenate([batch, np.zeros((chunk - batch.shape[0],) + batch.shape[1:],
-                                                np.float32)])
-      s, mse = _pairs(jnp.asarray(batch), refs, gh, gw, float(data_range))
-      s = np.asarray(s, np.float64)[:sel.size]
-      p = _psnr_from_mse(np.asarray(mse, np.float64)[:sel.size], data_range)
-      if reduce == "mean":
-        out_ssim[sel], out_psnr[sel] = s.mean(axis=1), p.mean(axis=1)
-      else:
-        out_ssim[sel], out_psnr[sel] = s.max(axis=1), p.max(axis=1)
-  return out_ssim, out_psnr
+  refs = choose_ssim_references(y, r, ry, same_class=same_class, max_refs=max_refs,
+                                reduce=reduce, seed=seed, data_range=data_range,
+                                max_elements=max_elements)
+  return ssim_psnr_with_references(x, y, refs)
 
 
 # --------------------------------------------------------------------------- Inception Score

@@ -14,6 +14,7 @@ Entry points:
   extract_feature_set(extractor, images, ...)  in-memory images -> FeatureSet (bad rows out)
   extract_pool(extractor, pool_root, ...)      a pool on disk, streamed -> FeatureSet
   extract_pool_cached(extractor, pool_root, cache_path, ...)   the same, cached as .npz
+  extract_reader([extractors], reader, on_host_batch=...)   one pass, several extractors
   inception_extractor(...)                     the FID Inception-V3 taps
   vgg16_extractor(params | weights=...)        VGG16 fc7 (tap "vgg_fc7"), the paper's FCS features
 
@@ -240,10 +241,32 @@ prefetch = parallel.prefetch  # the shared host-side prefetch thread
 
 
 
-def _device_batches(extractor: FeatureExtractor, chunks: Iterable[tuple[np.ndarray, list]]
-                    ) -> Iterator[tuple[jax.Array, int, list]]:
-  """Re-batches host chunks (images, per-row info) into full device batches (last padded)."""
-  size = extractor.batch_size
+def _check_compatible(extractors: Sequence[FeatureExtractor]) -> None:
+  if not extractors:
+    raise ValueError("need at least one FeatureExtractor")
+  sizes = {e.batch_size for e in extractors}
+  if len(sizes) != 1:
+    raise ValueError(
+        "extractors that share one pass over the images need one batch_size, got "
+        + ", ".join(f"{e.name}: {e.batch_size}" for e in extractors))
+
+
+def _device_batches(extractors: Sequence[FeatureExtractor],
+                    chunks: Iterable[tuple[np.ndarray, list]], keep_host: bool = False
+                    ) -> Iterator[tuple[list[jax.Array], int, list, np.ndarray | None]]:
+  """Re-batches host chunks (images, per-row info) into full device batches (last padded),
+  one per extractor (shared when their shardings agree), plus the host images of the batch
+  (only with `keep_host`)."""
+  size = extractors[0].batch_size
+
+  def put(cat: np.ndarray, n: int):
+    placed: list[jax.Array] = []
+    for k, e in enumerate(extractors):
+      same = next((placed[j] for j in range(k)
+                   if extractors[j]._batch_sharding == e._batch_sharding), None)  # pylint: disable=protected-access
+      placed.append(same if same is not None else e.put(cat))
+    return placed, n, (cat[:n] if keep_host else None)
+
   held: list[np.ndarray] = []
   held_info: list = []
   count = 0
@@ -256,14 +279,16 @@ def _device_batches(extractor: FeatureExtractor, chunks: Iterable[tuple[np.ndarr
     count += len(images)
     while count >= size:
       cat = held[0] if len(held) == 1 else np.concatenate(held)
-      yield extractor.put(cat[:size]), size, held_info[:size]
+      placed, n, host = put(cat[:size], size)
+      yield placed, n, held_info[:size], host
       rest = cat[size:]
       held = [rest] if len(rest) else []
       held_info = held_info[size:]
       count -= size
   if count:
     cat = held[0] if len(held) == 1 else np.concatenate(held)
-    yield extractor.put(cat), count, held_info
+    placed, n, host = put(cat, count)
+    yield placed, n, held_info, host
 
 
 def _nonfinite_reasons(out: Mapping[str, np.ndarray]) -> list[str | None]:
@@ -315,35 +340,63 @@ class _Collector:
     return {t: (b if self.n == len(b) else b[:self.n].copy()) for t, b in self.buffers.items()}
 
 
-def _run(extractor: FeatureExtractor, chunks: Iterable[tuple[np.ndarray, list]], *,
-         total: int, drop_nonfinite: bool, prefetch_batches: int, progress: bool,
-         desc: str) -> tuple[_Collector, float]:
-  """Streams chunks through the extractor; returns the collector and the seconds taken."""
+HostFn = Callable[[np.ndarray, list], None]
+
+
+def _run_many(extractors: Sequence[FeatureExtractor], chunks: Iterable[tuple[np.ndarray, list]],
+              *, total: int, drop_nonfinite: bool, prefetch_batches: int, progress: bool,
+              desc: str, on_host_batch: HostFn | None = None
+              ) -> tuple[list[_Collector], float]:
+  """Streams chunks through every extractor in one pass (each host batch is decoded and put
+  on the devices once); `on_host_batch(images, rows)` sees each batch's host images (e.g.
+  for pixel metrics) in order. Returns one collector per extractor and the seconds taken."""
   from tqdm import tqdm
-  collector = _Collector(total, drop_nonfinite)
+  extractors = list(extractors)
+  if extractors:
+    _check_compatible(extractors)
+  collectors = [_Collector(total, drop_nonfinite) for _ in extractors]
   start = time.perf_counter()
   with tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True,
             smoothing=0.1) as bar:
     pending = None
 
     def finish(item):
-      out_dev, n, info = item
-      out = jax.device_get(out_dev)
-      collector.add({t: np.asarray(v[:n]) for t, v in out.items()}, info)
+      outs_dev, n, info, host = item
+      for collector, out_dev in zip(collectors, outs_dev):
+        out = jax.device_get(out_dev)
+        collector.add({t: np.asarray(v[:n]) for t, v in out.items()}, info)
+      if on_host_batch is not None:
+        on_host_batch(host, info)
       bar.update(n)
 
-    batches = prefetch(_device_batches(extractor, chunks), prefetch_batches)
+    if extractors:
+      source = _device_batches(extractors, chunks, keep_host=on_host_batch is not None)
+    else:  # pixel metrics only: no device features
+      source = (([], len(info), info, _check_images(images, "input batch"))
+                for images, info in chunks)
+    batches = prefetch(source, prefetch_batches)
     try:
-      for x, n, info in batches:
-        out_dev = extractor.apply(x)  # asynchronous dispatch
+      for placed, n, info, host in batches:
+        outs_dev = [e.apply(x) for e, x in zip(extractors, placed)]  # asynchronous dispatch
         if pending is not None:
           finish(pending)
-        pending = (out_dev, n, info)
+        pending = (outs_dev, n, info, host)
       if pending is not None:
         finish(pending)
     finally:
       batches.close()
-  return collector, time.perf_counter() - start
+  return collectors, time.perf_counter() - start
+
+
+def _run(extractor: FeatureExtractor, chunks: Iterable[tuple[np.ndarray, list]], *,
+         total: int, drop_nonfinite: bool, prefetch_batches: int, progress: bool,
+         desc: str) -> tuple[_Collector, float]:
+  """Streams chunks through the extractor; returns the collector and the seconds taken."""
+  (collector,), seconds = _run_many([extractor], chunks, total=total,
+                                    drop_nonfinite=drop_nonfinite,
+                                    prefetch_batches=prefetch_batches, progress=progress,
+                                    desc=desc)
+  return collector, seconds
 
 
 # ------------------------------------------------------------------------------ feature sets
@@ -512,21 +565,46 @@ def _image_shape(image_size: Any, channels: int | None) -> tuple[int, int, int] 
   return (int(h), int(w), int(channels))
 
 
+def extract_reader(extractors: Sequence[FeatureExtractor], reader: pool_lib.PoolReader, *,
+                   image_shape: tuple[int, int, int] | None = None, prefetch_batches: int = 2,
+                   progress: bool = False, on_host_batch: HostFn | None = None
+                   ) -> list[FeatureSet]:
+  """Streams a PoolReader once through several extractors; one FeatureSet per extractor.
+
+  Each image is decoded once (on the prefetch thread) and put on the devices once when the
+  extractors share a sharding; the extractors need one batch size. `on_host_batch(images,
+  rows)` is called on the main thread with each batch's uint8 host images and metadata rows
+  (in pool order, before the NaN check), e.g. to compute pixel metrics on the fly. Host
+  memory holds at most ``prefetch_batches + 3`` image batches whatever the pool size.
+  `image_shape` (H, W, C) sizes the empty feature arrays of a pool without readable images.
+  Each FeatureSet excludes (``bad``) only its own extractor's non-finite rows.
+  """
+  extractors = list(extractors)
+  cols, seconds = _run_many(extractors, reader, total=len(reader), drop_nonfinite=True,
+                            prefetch_batches=prefetch_batches, progress=progress,
+                            desc=f"features {reader.root.name}", on_host_batch=on_host_batch)
+  out = []
+  for extractor, col in zip(extractors, cols):
+    feats = col.result()
+    if feats is None:
+      feats = {} if image_shape is None else {
+          t: np.zeros((0, d), np.float32)
+          for t, d in extractor.feature_dims(image_shape).items()}
+      log.warning("%s: no readable images; the feature set is empty", reader.root)
+    out.append(FeatureSet(ids=[r["id"] for r in col.info], labels=reader.labels(col.info),
+                          class_names=list(reader.class_names), features=feats,
+                          skipped=list(reader.skipped), bad=_bad_entries(col.bad),
+                          meta=dict(_meta(extractor, len(reader), seconds),
+                                    pool=str(reader.root))))
+  return out
+
+
 def _extract_reader(extractor: FeatureExtractor, reader: pool_lib.PoolReader, *,
                     image_shape: tuple[int, int, int] | None, prefetch_batches: int,
                     progress: bool) -> FeatureSet:
-  col, seconds = _run(extractor, reader, total=len(reader), drop_nonfinite=True,
-                      prefetch_batches=prefetch_batches, progress=progress,
-                      desc=f"features {reader.root.name}")
-  feats = col.result()
-  if feats is None:
-    feats = {} if image_shape is None else {
-        t: np.zeros((0, d), np.float32) for t, d in extractor.feature_dims(image_shape).items()}
-    log.warning("%s: no readable images; the feature set is empty", reader.root)
-  return FeatureSet(ids=[r["id"] for r in col.info], labels=reader.labels(col.info),
-                    class_names=list(reader.class_names), features=feats,
-                    skipped=list(reader.skipped), bad=_bad_entries(col.bad),
-                    meta=dict(_meta(extractor, len(reader), seconds), pool=str(reader.root)))
+  (fs,) = extract_reader([extractor], reader, image_shape=image_shape,
+                         prefetch_batches=prefetch_batches, progress=progress)
+  return fs
 
 
 def extract_pool(extractor: FeatureExtractor, pool_root: str | os.PathLike, *,
