@@ -37,6 +37,9 @@ score.fcs_backbone        FCS features: "inception" (2048-d pool tap) | "vgg16" 
 score.vgg16_weights       torchvision vgg16 state dict (.pth/.safetensors) for fcs_backbone=vgg16;
                           make it where there is internet: torch.save(torchvision.models.vgg16(
                           weights="IMAGENET1K_V1").state_dict(), path)
+score.inception_weights   "" = the offline FID Inception asset (no fc layer: no "is" column); a
+                          pytorch-fid state dict (.pth/.safetensors, has the 1008-way fc) adds
+                          the per-image Inception Score column "is"
 attributes.prompt_names   launch/run.py: the name the LLM and prompts use per real class, in class
                           order ("" = the class names; MNIST: "zero,one,...,nine")
 attributes.file           JSON {class: {category: [values]}} (or an attributes.json): no LLM
@@ -137,6 +140,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.ssim_max_refs = 64
   c.score.fcs_backbone = "inception"
   c.score.vgg16_weights = ""
+  c.score.inception_weights = ""
 
   c.attributes = ml_collections.ConfigDict()
   c.attributes.prompt_names = ""

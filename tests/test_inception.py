@@ -270,6 +270,55 @@ def test_pytorch_fid_state_dict_path(reference, tmp_path):
     ii.load_pytorch_fid_state_dict(sd)
 
 
+def test_asset_has_no_fc_layer(reference):
+  """The offline TorchScript asset ends at the 2048-d pool: no 1008-way fc, hence no logits
+  (and no Inception Score) without a pytorch-fid state dict."""
+  tensors = dict(reference["module"].named_parameters())
+  tensors.update(dict(reference["module"].named_buffers()))
+  assert len(tensors) == 376
+  assert not [k for k, v in tensors.items() if 1008 in tuple(v.shape) or "fc" in k]
+  assert "fc" not in reference["params"]
+
+
+def test_inception_weights_file_gives_logits_matching_torch(reference, tmp_path):
+  """cached_inception_params on a pytorch-fid .pth (cached once, then no torch) and on the
+  same tensors as .safetensors; the extractor's logits_1008 tap matches torch: the
+  TorchScript module's pool features through torch's linear layer."""
+  from synthbandit_jax import parallel
+  from synthbandit_jax.metrics import features
+  from synthbandit_jax.weights import state_dict as sd_lib
+  torch = reference["torch"]
+  sd, _ = _to_pytorch_fid_names(reference["module"])
+  rng = np.random.default_rng(5)
+  fc_w = rng.normal(0, 0.02, (1008, 2048)).astype(np.float32)
+  fc_b = rng.normal(0, 0.1, 1008).astype(np.float32)
+  sd["fc.weight"], sd["fc.bias"] = torch.from_numpy(fc_w), torch.from_numpy(fc_b)
+  pth = tmp_path / "pt_inception.pth"
+  torch.save(sd, pth)
+  params = ii.cached_inception_params(pth, cache_dir=tmp_path)
+  assert "fc" in params and len(list((tmp_path / "flax").glob("fid_inception_pth_*"))) == 1
+  again = ii.cached_inception_params(pth, cache_dir=tmp_path)  # from the msgpack cache
+  np.testing.assert_array_equal(again["fc"]["kernel"], params["fc"]["kernel"])
+  st = sd_lib.write_safetensors(tmp_path / "pt_inception.safetensors",
+                                {k: v.numpy() for k, v in sd.items()})
+  from_st = ii.cached_inception_params(st, cache_dir=tmp_path)
+  for a, b in zip(jax.tree.leaves(from_st), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  ex = features.inception_extractor(params, batch_size=2, mesh=parallel.make_mesh(1),
+                                    taps=("pool_2048", "logits_1008"))
+  u = np.random.default_rng(0).integers(0, 256, (2, 299, 299, 3), dtype=np.uint8)
+  out = ex(u)
+  with torch.no_grad():
+    xt = torch.from_numpy(reference["x"].copy()).permute(0, 3, 1, 2).contiguous()
+    want = torch.nn.functional.linear(reference["module"](xt), sd["fc.weight"],
+                                      sd["fc.bias"]).numpy()
+  assert out["logits_1008"].shape == (2, 1008)
+  err = _rel_err(out["logits_1008"], want)
+  assert err < REL_TOL, f"logits: max relative error {err:.2e}"
+  with pytest.raises(FileNotFoundError, match="nope.pth"):
+    ii.cached_inception_params(tmp_path / "nope.pth", cache_dir=tmp_path)
+
+
 def test_pytorch_fid_gamma_is_folded(reference):
   sd, gammas = _to_pytorch_fid_names(reference["module"], np.random.default_rng(4))
   params = ii.load_pytorch_fid_state_dict(sd)

@@ -113,3 +113,152 @@ def test_fcs_backbone_config_errors(tmp_path):
   c.score.fcs_backbone = "resnet"
   with pytest.raises(ValueError, match=r"score\.fcs_backbone='resnet'"):
     stage.run_scoring(c, tmp_path, progress=False)
+
+
+def _counting_extractor(extra_logits: bool = False, batch_size: int = 5):
+  """_pixel_extractor with a call counter (and optionally a "logits_1008" tap)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from synthbandit_jax import parallel  # pylint: disable=import-outside-toplevel
+  from synthbandit_jax.metrics import features  # pylint: disable=import-outside-toplevel
+  calls = [0]
+  proj = np.random.default_rng(0).normal(0, 3.0, (64, 1008)).astype(np.float32)
+
+  def apply_fn(p, images):
+    calls[0] += 1
+    x = images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0 * p["scale"]
+    out = {"pool_192": x, "pool_2048": jnp.sqrt(x)}
+    if extra_logits:
+      out["logits_1008"] = x[:, :64] @ p["proj"]
+    return out
+
+  params = {"scale": np.ones((), np.float32)}
+  if extra_logits:
+    params["proj"] = proj
+  ex = features.FeatureExtractor(apply_fn, params, batch_size=batch_size,
+                                 mesh=parallel.make_mesh(1),
+                                 name=f"pixels(logits={extra_logits})")
+  return ex, calls
+
+
+def test_streamed_stage_equals_the_in_memory_path(tmp_path):
+  """The streaming stage gives the table the old in-memory path (whole pool loaded by
+  prepare_inputs, features of arrays, SSIM/PSNR of arrays) gives, column for column."""
+  from synthbandit_jax.metrics import features, scoring, stage
+  from synthbandit_jax.training import inputs as inputs_lib
+  c = tiny.get_config()
+  c.score.max_pool_images = 60
+  c.score.max_real_images = 50
+  c.score.batch_size = 5
+  ex, _ = _counting_extractor()
+  summary = stage.run_scoring(c, tmp_path, progress=False, extractor=ex)
+  table = scores_lib.load_score_table(tmp_path / "scores.csv")
+
+  inputs = inputs_lib.prepare_inputs(c, tmp_path, progress=False, load_scores=False)
+  pool = inputs.pool.subset(stage._subsample(inputs.pool.labels, 60, c.seed))
+  real = inputs.train.subset(stage._subsample(inputs.train.labels, 50, c.seed + 1))
+  names = inputs.class_names
+  real_fs = features.extract_feature_set(ex, real.images, ids=real.ids, labels=real.labels,
+                                         class_names=names)
+  pool_fs = features.extract_feature_set(ex, pool.images, ids=pool.ids, labels=pool.labels,
+                                         class_names=names)
+  want = scoring.score_pool(
+      pool_fs.ids, pool_fs.labels, pool_fs.features, real_fs.labels, real_fs.features,
+      config=scoring.ScoringConfig(seed=c.seed, ssim_max_refs=int(c.score.ssim_max_refs)),
+      images=pool.images, real_images=real.images, num_classes=len(names),
+      class_names=names).table
+  assert summary["scored_pool_images"] == len(pool.ids) == 60
+  assert summary["pool_images"] == len(inputs.pool)
+  assert table.ids == want.ids
+  assert set(table.columns) == set(want.columns) and "ssim" in table.columns
+  for col in want.columns:
+    assert table.directions[col] == want.directions[col]
+    np.testing.assert_allclose(table.columns[col], want.columns[col], rtol=1e-5, atol=1e-7,
+                               err_msg=col)
+
+
+def test_stage_streams_the_pool_in_bounded_batches(tmp_path, monkeypatch):
+  """The pool is read by the streaming PoolReader in batches, never loaded whole, and only a
+  few batches of images are alive at any time however large the pool."""
+  import gc
+  import weakref
+  from synthbandit_jax.data import pool as pool_lib
+  from synthbandit_jax.metrics import stage
+
+  def no_full_load(*args, **kwargs):
+    raise AssertionError("the scoring stage must not load the whole pool (read_pool)")
+
+  monkeypatch.setattr(pool_lib, "read_pool", no_full_load)
+  batches, alive_max, yielded = [], [0], [0]
+  refs: list = []
+  original = pool_lib.PoolReader.__iter__
+
+  def watched(self):
+    for images, rows in original(self):
+      batches.append(len(images))
+      yielded[0] += len(images)
+      gc.collect()
+      refs[:] = [r for r in refs if r() is not None]
+      alive_max[0] = max(alive_max[0], sum(len(r()) for r in refs if r() is not None))
+      refs.append(weakref.ref(images))
+      yield images, rows
+
+  monkeypatch.setattr(pool_lib.PoolReader, "__iter__", watched)
+  c = tiny.get_config()
+  c.score.max_pool_images = 150
+  c.score.max_real_images = 40
+  c.score.batch_size = 5
+  ex, calls = _counting_extractor()
+  summary = stage.run_scoring(c, tmp_path, progress=False, extractor=ex)
+  n = summary["scored_pool_images"]
+  assert n == 150 and yielded[0] == n  # one pass over the scored rows
+  assert max(batches) <= 5 and len(batches) == 30
+  # prefetch_batches=2 (+ the batch being re-batched, the one in flight, the one finishing)
+  assert alive_max[0] <= 6 * 5 < n, alive_max[0]
+  assert calls[0] == 1  # traced once: every batch has the same (padded) shape
+
+  # A second run reuses the cached features: the pass only decodes images for SSIM / PSNR.
+  batches.clear()
+  yielded[0] = 0
+  ex2, calls2 = _counting_extractor()
+  again = stage.run_scoring(c, tmp_path, progress=False, extractor=ex2)
+  assert calls2[0] == 0 and yielded[0] == 150 and again["scored_pool_images"] == 150
+
+
+def test_inception_score_column_from_logits(tmp_path):
+  """With a logits tap the table gains "is" = KL(p(y|x) || p(y)) over the scored pool."""
+  from synthbandit_jax.metrics import baselines, features, stage
+  c = tiny.get_config()
+  c.score.max_pool_images = 40
+  c.score.max_real_images = 30
+  c.score.batch_size = 5
+  ex, _ = _counting_extractor(extra_logits=True)
+  summary = stage.run_scoring(c, tmp_path, progress=False, extractor=ex)
+  assert summary["inception_score_column"] is True
+  table = scores_lib.load_score_table(tmp_path / "scores.csv")
+  assert table.directions["is"] == "higher"
+  pool = features.load_features(tmp_path / "features" / "pool.npz")
+  logits = pool.features["logits_1008"].astype(np.float64)
+  assert logits.shape == (40, 1008)
+  # independent numpy: p = softmax, pbar = mean over the scored pool, KL in nats
+  z = logits - logits.max(axis=1, keepdims=True)
+  p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+  pbar = p.mean(axis=0)
+  want = np.sum(p * (np.log(p) - np.log(pbar)), axis=1)
+  got = dict(zip(table.ids, table.columns["is"]))
+  np.testing.assert_allclose([got[i] for i in pool.ids], want, rtol=1e-6)
+  is_mean, _ = baselines.inception_score(p, splits=1)
+  assert np.exp(np.mean(want)) == pytest.approx(is_mean, rel=1e-9)
+  assert np.exp(np.mean(table.columns["is"])) == pytest.approx(is_mean, rel=1e-6)
+  assert is_mean > 1.0
+  sources = json.loads((tmp_path / "scores.csv.sources.json").read_text())["sources"]
+  assert sources["is"]["tap"] == "logits (softmax)"
+  assert "is" in sources["agg_mean"]["columns"]
+
+
+def test_inception_weights_config(tmp_path):
+  from synthbandit_jax.metrics import stage
+  c = tiny.get_config()
+  assert stage.inception_weights(c.score) is None
+  c.score.inception_weights = str(tmp_path / "nope.pth")
+  with pytest.raises(FileNotFoundError, match=r"score\.inception_weights=.*nope\.pth"):
+    stage.run_scoring(c, tmp_path, progress=False)

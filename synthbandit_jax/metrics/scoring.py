@@ -193,14 +193,18 @@ def _aggregate_columns(cfg: ScoringConfig, columns: Mapping[str, np.ndarray],
 
 def score_pool(ids: Sequence[str], labels, features: Mapping[str, Any], real_labels,
                real_features: Mapping[str, Any], *, config: ScoringConfig | None = None,
-               images=None, real_images=None, probs=None, num_classes: int | None = None,
+               images=None, real_images=None, pixel_scores=None, probs=None,
+               num_classes: int | None = None,
                class_names: Sequence[str] | None = None) -> ScoringResult:
   """Scores every pool image (module docstring lists the columns); returns a ScoringResult.
 
   ids [N] pool image ids; labels [N] int class indices; features: feature key -> [N, D]
   (e.g. "pool_192", "pool_2048", "vgg_fc7"); real_labels [R] and real_features key -> [R, D]
   of the real training images, same keys. images [N, H, W(, C)] uint8 and real_images
-  [R, H, W(, C)] (both or neither) add ssim/psnr; probs [N, K] class probabilities add is.
+  [R, H, W(, C)] (both or neither) add ssim/psnr; or pixel_scores = (ssim [N], psnr [N])
+  computed elsewhere with the same settings (e.g. streamed: baselines.choose_ssim_references
+  + ssim_psnr_with_references with cfg's ssim_* values and seed); probs [N, K] class
+  probabilities add is.
   num_classes defaults to 1 + the largest label; class_names make warnings readable.
   """
   cfg = config or ScoringConfig()
@@ -222,6 +226,13 @@ def score_pool(ids: Sequence[str], labels, features: Mapping[str, Any], real_lab
     raise ValueError(f"class_names has {len(class_names)} names for {c_num} classes")
   if (images is None) != (real_images is None):
     raise ValueError("give both images and real_images (for ssim/psnr) or neither")
+  if pixel_scores is not None and images is not None:
+    raise ValueError("give images/real_images or pixel_scores (precomputed ssim/psnr), not both")
+  if pixel_scores is not None:
+    pixel_scores = tuple(np.asarray(v, np.float64) for v in pixel_scores)
+    if len(pixel_scores) != 2 or any(v.shape != (n,) for v in pixel_scores):
+      raise ValueError(f"pixel_scores must be (ssim [{n}], psnr [{n}]), got shapes "
+                       f"{[np.shape(v) for v in pixel_scores]}")
 
   syn_count = np.bincount(y, minlength=c_num)
   real_count = np.bincount(ry, minlength=c_num)
@@ -299,10 +310,13 @@ def score_pool(ids: Sequence[str], labels, features: Mapping[str, Any], real_lab
     fid_names.append(name)
 
   # SSIM / PSNR
-  if images is not None:
-    s, p = baselines.ssim_psnr_against_references(
-        images, y, real_images, ry, same_class=cfg.ssim_same_class,
-        max_refs=cfg.ssim_max_refs, reduce=cfg.ssim_reduce, seed=cfg.seed)
+  if images is not None or pixel_scores is not None:
+    if pixel_scores is not None:
+      s, p = pixel_scores
+    else:
+      s, p = baselines.ssim_psnr_against_references(
+          images, y, real_images, ry, same_class=cfg.ssim_same_class,
+          max_refs=cfg.ssim_max_refs, reduce=cfg.ssim_reduce, seed=cfg.seed)
     refs = "its own class" if cfg.ssim_same_class else "all classes"
     how = (f"{cfg.ssim_reduce} over up to {cfg.ssim_max_refs or 'all'} real-train images of "
            f"{refs}")

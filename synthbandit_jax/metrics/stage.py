@@ -3,7 +3,7 @@ score table, and (for a controlled pool) the metric validation table.
 
 `run_scoring(config, workdir)` writes
 
-  WORKDIR/features/real_train.npz, pool.npz  Inception taps (reused when the ids match)
+  WORKDIR/features/real_train.npz, pool.npz  Inception taps (reused when still valid)
   WORKDIR/features/real_train_vgg16.npz, pool_vgg16.npz   VGG16 fc7 (score.fcs_backbone=vgg16)
   WORKDIR/scores.csv (+ .meta.json, .sources.json)   one row per scored pool image
   WORKDIR/metric_validation.md / .json       Spearman and wrong-label AUROC per metric
@@ -25,21 +25,54 @@ PRDC always use its taps. The FCS backbone is `score.fcs_backbone`:
 
 With "vgg16" an image is scored only if both networks gave finite features. The scores'
 ``.sources.json`` (``sources["fcs"]``: backbone, tap and, for VGG16, the weights file) and
-``scoring.json`` (``fcs_backbone``) say which backbone fed FCS. On CPU the Inception runs at
-~10 images/s (299x299, fp32) and VGG16 at ~5 images/s (224x224), so
+``scoring.json`` (``fcs_backbone``) say which backbone fed FCS.
+
+Inception Score column ``is`` (only when the Inception has its 1008-way fc layer, i.e. with
+`score.inception_weights` = a pytorch-fid state dict; the offline TorchScript asset has no
+fc, checked: its 376 tensors end at the last mixed block): for a scored pool image x,
+
+  is(x) = KL(p(y|x) || p(y)) = sum_k p_k(x) (log p_k(x) - log pbar_k)   (nats),
+  p(y|x) = softmax over the 1008 logits of the FID Inception (tap "logits_1008"; all 1008
+           outputs, as the TF Inception Score code and torch-fidelity use them),
+  pbar   = the mean of p(y|x) over the scored pool images (the same rows as the table),
+
+so exp(mean of the column) is the Inception Score of the scored pool (one split). Higher =
+a confident prediction of an ImageNet class that is not over-represented in the pool.
+
+Memory: the real train split comes from the real-data loaders (in memory, it is small). The
+pool is never loaded whole: `extract_pool_features` streams the rows to score from disk
+(decoding on a host prefetch thread, `features.extract_reader`), runs every feature network
+on each batch in one pass and computes the per-image SSIM / PSNR of the batch against the
+class references (`baselines.ssim_psnr_with_references`, references chosen once up front by
+`baselines.choose_ssim_references`), so host memory holds a few image batches plus the
+[N, D] features and device memory one batch per network, whatever the pool size. Pool
+features are cached per network (features/pool*.npz) under a key of the extractor
+fingerprint, the scored rows (id, class, path, file size and mtime), the classes and the
+image loading options; with valid caches the pass only decodes images for SSIM / PSNR.
+
 `score.max_pool_images` / `score.max_real_images` subsample (seeded, stratified by class)
-for quick runs; unscored pool images then have no row and rank last.
+for quick runs; unscored pool images then have no row and rank last. The pool subsample is
+drawn from the metadata rows (before any image is read), so an unreadable file drops its row
+instead of being replaced. On CPU the Inception runs at ~10 images/s (299x299, fp32) and
+VGG16 at ~5 images/s (224x224).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 
 from synthbandit_jax import io as sio
+from synthbandit_jax.data import controlled as controlled_lib
+from synthbandit_jax.data import pool as pool_lib
+from synthbandit_jax.data import real as real_lib
+from synthbandit_jax.metrics import baselines
 from synthbandit_jax.metrics import features as features_lib
 from synthbandit_jax.metrics import scoring
 from synthbandit_jax.metrics import validation
@@ -47,6 +80,11 @@ from synthbandit_jax.training import inputs as inputs_lib
 
 FCS_BACKBONES = ("inception", "vgg16")
 _FCS_TAPS = {"inception": "pool_2048", "vgg16": features_lib.VGG_FC7_TAP}
+LOGITS_TAP = "logits_1008"  # = synthbandit_jax.models.inception.LOGITS_TAP
+# Feature networks of the stage and the cache files of their features.
+INCEPTION, VGG16 = "inception", "vgg16"
+_CACHE_NAMES = {INCEPTION: ("real_train.npz", "pool.npz"),
+                VGG16: ("real_train_vgg16.npz", "pool_vgg16.npz")}
 
 
 def _subsample(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
@@ -100,6 +138,19 @@ def vgg16_weights(score_config) -> Path:
   return path
 
 
+def inception_weights(score_config) -> Path | None:
+  """The checked `score.inception_weights` file, or None for the offline asset."""
+  from synthbandit_jax.weights import inception_import  # pylint: disable=import-outside-toplevel
+  raw = str(score_config.get("inception_weights", "") or "").strip()
+  if not raw:
+    return None
+  path = Path(raw).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f"score.inception_weights={raw!r}: no such file; "
+                            f"{inception_import.PYTORCH_FID_HOW_TO}")
+  return path
+
+
 def _join(a: features_lib.FeatureSet, b: features_lib.FeatureSet) -> features_lib.FeatureSet:
   """The rows of `a` that `b` also has (in `a`'s order), with the taps of both."""
   if set(a.features) & set(b.features):
@@ -116,70 +167,316 @@ def _join(a: features_lib.FeatureSet, b: features_lib.FeatureSet) -> features_li
       features=feats, skipped=a.skipped, bad=bad, meta={"parts": [a.meta, b.meta]})
 
 
+# ------------------------------------------------------------------------------- the pool
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+  """The pool rows a config scores and how their images are read (no image is loaded).
+
+  root: the pool directory. rows: its metadata rows of the scored classes, in metadata
+  order. class_names: the label order (the real train split's). load_options: image loading
+  options of `synthbandit_jax.data.pool.PoolReader` (channels, image_size, alpha,
+  resize_method, fit: the real images' channels and size). skipped: rows left out by
+  `pool.unknown_classes="skip"` ({"id", "path", "reason"}).
+  """
+  root: Path
+  rows: list
+  class_names: list
+  load_options: dict
+  skipped: list
+
+  @property
+  def labels(self) -> np.ndarray:
+    """int32 label of every row."""
+    index = {c: k for k, c in enumerate(self.class_names)}
+    return np.array([index[r["class"]] for r in self.rows], np.int32)
+
+
+def _restrict_classes(ds: real_lib.ImageDataset, keep: Sequence[str]) -> real_lib.ImageDataset:
+  """The images of the classes `keep` (in that order), relabelled."""
+  where = {c: i for i, c in enumerate(ds.class_names)}
+  old = np.asarray([where[c] for c in keep])
+  sub = ds.subset(np.flatnonzero(np.isin(ds.labels, old)))
+  remap = np.full(len(ds.class_names), -1, np.int64)
+  remap[old] = np.arange(len(keep))
+  sub.labels = remap[sub.labels].astype(np.int32)
+  sub.class_names = list(keep)
+  return sub
+
+
+def _pool_root(config, workdir: Path, splits: Mapping, class_names: Sequence[str],
+               progress: bool) -> Path:
+  """The pool directory of `config` (building the controlled pool first), as
+  `training.inputs.prepare_inputs` resolves it (kept in step with it)."""
+  kind = config.pool.kind
+  if kind == "controlled":
+    holdout = splits["holdout"]
+    if len(holdout) == 0:
+      raise ValueError("pool.kind='controlled' builds the pool from held-out real training "
+                       "images, but data.holdout_fraction is 0: set it (e.g. 0.4)")
+    root = Path(config.pool.path) if config.pool.path else workdir / "pool"
+    csv = inputs_lib._csv  # pylint: disable=protected-access
+    try:  # skips finished shards; refuses a pool built from other arguments
+      controlled_lib.build_controlled_pool(
+          holdout.images, holdout.labels, list(class_names), root,
+          seed=inputs_lib.split_seed(config), kinds=csv(config.pool.kinds),
+          severities=tuple(int(s) for s in csv(config.pool.severities)),
+          copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
+          progress=progress)
+    except ValueError as e:
+      if "other arguments" not in str(e):
+        raise
+      raise ValueError(f"{e}. (Pick another --workdir / pool.path, or remove the pool to "
+                       "rebuild it.)") from e
+    return root
+  if kind == "dir":
+    if not config.pool.path:
+      raise ValueError("pool.kind='dir' needs pool.path (a directory with metadata.jsonl)")
+    root = Path(config.pool.path)
+    if not (root / pool_lib.METADATA_NAME).exists():
+      raise FileNotFoundError(f"pool.path={root}: no {pool_lib.METADATA_NAME} there")
+    return root
+  raise ValueError(f"config pool.kind must be 'controlled' or 'dir', got {kind!r}")
+
+
+def pool_spec(config, workdir: str | Path, train: real_lib.ImageDataset, splits: Mapping, *,
+              progress: bool = True) -> tuple[PoolSpec, real_lib.ImageDataset]:
+  """The PoolSpec of `config` and the real train split restricted to the shared classes.
+
+  Reads only the pool's metadata. The class checks are those of `prepare_inputs`:
+  pool.unknown_classes ("error" | "skip") and data.class_mismatch ("intersect" keeps the
+  classes both sides have; otherwise differing class sets raise, naming them).
+  """
+  class_names = list(train.class_names)
+  root = _pool_root(config, Path(workdir), splits, class_names, progress)
+  unknown = config.pool.unknown_classes
+  if unknown not in ("error", "skip"):
+    raise ValueError(f"config pool.unknown_classes must be 'error' or 'skip', got {unknown!r}")
+  root, rows = pool_lib.read_pool_rows(root)
+  skipped = []
+  if unknown == "skip":
+    known = set(class_names)
+    skipped = [{"id": r["id"], "path": r["path"],
+                "reason": f"class {r['class']!r} not in class_names"}
+               for r in rows if r["class"] not in known]
+    rows = [r for r in rows if r["class"] in known]
+    if skipped:
+      logging.warning("%s: left out %d rows of classes not in the real data", root,
+                      len(skipped))
+  real_set, pool_set = set(class_names), {r["class"] for r in rows}
+  if real_set != pool_set:
+    only_real, only_pool = sorted(real_set - pool_set), sorted(pool_set - real_set)
+    if config.data.class_mismatch != "intersect":
+      raise ValueError(
+          f"real and synthetic class sets differ: only in the real data {only_real}, only in "
+          f"the pool {only_pool}. Fix the data, or set --config.data.class_mismatch=intersect "
+          f"to score the classes both have.")
+    keep = [c for c in class_names if c in pool_set]
+    if not keep:
+      raise ValueError("real and synthetic data share no class")
+    logging.warning("class_mismatch=intersect: dropping real-only classes %s and pool-only "
+                    "classes %s", only_real, only_pool)
+    train = _restrict_classes(train, keep)
+    rows = [r for r in rows if r["class"] in set(keep)]
+    class_names = keep
+  opts = dict(channels=int(train.images.shape[3]), image_size=tuple(train.images.shape[1:3]),
+              alpha=config.data.alpha, resize_method=config.data.resize_method,
+              fit=config.data.fit)
+  return PoolSpec(root=Path(root), rows=rows, class_names=class_names, load_options=opts,
+                  skipped=skipped), train
+
+
+@dataclasses.dataclass
+class PoolExtraction:
+  """What one pass over pool rows gives.
+
+  features: network name -> FeatureSet (rows in the order read; non-finite rows in `bad`).
+  ssim, psnr: image id -> value for every image read (empty without references).
+  skipped: rows that could not be read ({"id", "path", "reason"}).
+  """
+  features: dict
+  ssim: dict
+  psnr: dict
+  skipped: list
+
+
+def extract_pool_features(rows: Sequence[Mapping], *, root: str | Path,
+                          class_names: Sequence[str], load_options: Mapping,
+                          extractors: Mapping[str, features_lib.FeatureExtractor],
+                          references: baselines.SSIMReferences | None = None,
+                          prefetch_batches: int = 2, progress: bool = False,
+                          batch_size: int | None = None) -> PoolExtraction:
+  """Features (and SSIM / PSNR) of the pool images `rows`, streamed from disk in one pass.
+
+  rows: metadata rows (from `PoolSpec.rows`, any subset in any order; only "id" is used, the
+  rest is read from the pool's metadata), root / class_names / load_options: as in
+  `PoolSpec`. extractors: name -> FeatureExtractor, all run on each decoded batch (one batch
+  size). references: with them, every image's SSIM and PSNR against its class's references
+  (chosen once for the whole pool, so a slice of the rows gets the values the whole pool
+  would). Host and device memory are bounded by a few batches (`features.extract_reader`).
+
+  Every result depends only on the image itself (and the fixed references), so the rows can
+  be split across processes, e.g. ``rows[process_index::process_count]``, and the
+  PoolExtractions merged by id.
+  """
+  names = list(extractors)
+  nets = [extractors[n] for n in names]
+  size = batch_size or (nets[0].batch_size if nets else 32)
+  reader = pool_lib.iter_pool(root, batch_size=size, class_names=list(class_names),
+                              ids=[r["id"] for r in rows], **dict(load_options))
+  ssim: dict[str, float] = {}
+  psnr: dict[str, float] = {}
+
+  def pixels(images: np.ndarray, batch_rows: list) -> None:
+    s, p = baselines.ssim_psnr_with_references(images, reader.labels(batch_rows), references)
+    for r, a, b in zip(batch_rows, s.tolist(), p.tolist()):
+      ssim[r["id"]], psnr[r["id"]] = a, b
+
+  shape = features_lib._image_shape(load_options.get("image_size"),  # pylint: disable=protected-access
+                                    load_options.get("channels"))
+  sets = features_lib.extract_reader(
+      nets, reader, image_shape=shape, prefetch_batches=prefetch_batches, progress=progress,
+      on_host_batch=pixels if references is not None else None)
+  return PoolExtraction(features=dict(zip(names, sets)), ssim=ssim, psnr=psnr,
+                        skipped=list(reader.skipped))
+
+
+def _cache_key(extractor: features_lib.FeatureExtractor, spec: PoolSpec,
+               rows: Sequence[Mapping]) -> dict:
+  reader = pool_lib.iter_pool(spec.root, batch_size=1, class_names=spec.class_names,
+                              ids=[r["id"] for r in rows], **spec.load_options)
+  return features_lib.pool_cache_key(extractor, reader, load_options=spec.load_options)
+
+
+def _cached_pool_features(path: Path, key: dict) -> features_lib.FeatureSet | None:
+  if not path.is_file():
+    return None
+  try:
+    cached = features_lib.load_features(path)
+  except (ValueError, KeyError, OSError) as e:
+    logging.warning("ignoring unreadable feature cache %s (%s)", path, e)
+    return None
+  return cached if cached.meta.get("cache_key", {}).get("key") == key["key"] else None
+
+
+def _pool_features(spec: PoolSpec, rows: Sequence[Mapping],
+                   extractors: Mapping[str, features_lib.FeatureExtractor], fdir: Path,
+                   references: baselines.SSIMReferences | None, progress: bool
+                   ) -> tuple[dict, dict, dict, list]:
+  """Per network the pool FeatureSet (cached ones reused), and SSIM / PSNR by id."""
+  keys = {n: _cache_key(e, spec, rows) for n, e in extractors.items()}
+  out = {n: _cached_pool_features(fdir / _CACHE_NAMES[n][1], keys[n]) for n in extractors}
+  todo = {n: extractors[n] for n, fs in out.items() if fs is None}
+  if not todo and references is None:
+    return out, {}, {}, []
+  ex = extract_pool_features(rows, root=spec.root, class_names=spec.class_names,
+                             load_options=spec.load_options, extractors=todo,
+                             references=references, progress=progress,
+                             batch_size=next(iter(extractors.values())).batch_size)
+  for n, fs in ex.features.items():
+    fs.meta.update(fingerprint=extractors[n].fingerprint, cache_key=keys[n])
+    features_lib.save_features(fdir / _CACHE_NAMES[n][1], fs)
+    out[n] = fs
+  return out, ex.ssim, ex.psnr, ex.skipped
+
+
+def _probs(logits: np.ndarray) -> np.ndarray:
+  """softmax in float64 (rows sum to 1)."""
+  return special.softmax(np.asarray(logits, np.float64), axis=1)
+
+
 def run_scoring(config, workdir: str | Path, *, progress: bool = True,
                 extractor: features_lib.FeatureExtractor | None = None,
                 fcs_extractor: features_lib.FeatureExtractor | None = None) -> dict:
   """Scores the configured pool against the real train split (see module docstring).
 
-  `extractor` replaces the Inception extractor (taps pool_192, pool_2048) and
-  `fcs_extractor` the VGG16 one (tap vgg_fc7; used with score.fcs_backbone="vgg16").
+  `extractor` replaces the Inception extractor (taps pool_192, pool_2048, and optionally
+  logits_1008 for the "is" column) and `fcs_extractor` the VGG16 one (tap vgg_fc7; used
+  with score.fcs_backbone="vgg16"); both need the batch size score.batch_size when both run.
   """
+  from synthbandit_jax.weights import inception_import  # pylint: disable=import-outside-toplevel
   workdir = Path(workdir)
   t0 = time.perf_counter()
   sc = config.score
   backbone = fcs_backbone(sc)
   weights = vgg16_weights(sc) if backbone == "vgg16" and fcs_extractor is None else None
-  inputs = inputs_lib.prepare_inputs(config, workdir, progress=progress, load_scores=False)
+  inc_weights = inception_weights(sc) if extractor is None else None
+  splits, skipped = inputs_lib.real_splits(config)
+  spec, train = pool_spec(config, workdir, splits["train"], splits, progress=progress)
   seed = int(config.seed)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[sc.dtype]
   if extractor is None:
-    extractor = features_lib.inception_extractor(batch_size=int(sc.batch_size), dtype=dtype)
+    params = inception_import.cached_inception_params(inc_weights)
+    taps = features_lib.DEFAULT_INCEPTION_TAPS + ((LOGITS_TAP,) if "fc" in params else ())
+    extractor = features_lib.inception_extractor(params, batch_size=int(sc.batch_size),
+                                                 dtype=dtype, taps=taps)
   if backbone == "vgg16" and fcs_extractor is None:
     fcs_extractor = features_lib.vgg16_extractor(weights=weights, batch_size=int(sc.batch_size),
                                                  dtype=dtype)
-  pool_rows = _subsample(inputs.pool.labels, int(sc.max_pool_images), seed)
-  real_rows = _subsample(inputs.train.labels, int(sc.max_real_images), seed + 1)
-  pool = inputs.pool.subset(pool_rows)
-  real = inputs.train.subset(real_rows)
-  names = inputs.class_names
-  fdir = workdir / "features"
-  real_fs = _features(extractor, real.images, real.ids, real.labels, names,
-                      fdir / "real_train.npz", progress)
-  pool_fs = _features(extractor, pool.images, pool.ids, pool.labels, names,
-                      fdir / "pool.npz", progress)
+  extractors = {INCEPTION: extractor}
   if backbone == "vgg16":
-    real_fs = _join(real_fs, _features(fcs_extractor, real.images, real.ids, real.labels, names,
-                                       fdir / "real_train_vgg16.npz", progress))
-    pool_fs = _join(pool_fs, _features(fcs_extractor, pool.images, pool.ids, pool.labels, names,
-                                       fdir / "pool_vgg16.npz", progress))
-  if real_fs.bad or pool_fs.bad:
-    logging.warning("%d real and %d pool images have non-finite features and are excluded: "
-                    "%s", len(real_fs.bad), len(pool_fs.bad),
-                    [b["id"] for b in (real_fs.bad + pool_fs.bad)[:10]])
-  pool_pos = {i: k for k, i in enumerate(pool.ids)}
+    extractors[VGG16] = fcs_extractor
+  pool_rows = [spec.rows[k] for k in _subsample(spec.labels, int(sc.max_pool_images), seed)]
+  real = train.subset(_subsample(train.labels, int(sc.max_real_images), seed + 1))
+  names = spec.class_names
+  fdir = workdir / "features"
+
+  real_sets = {n: _features(e, real.images, real.ids, real.labels, names,
+                            fdir / _CACHE_NAMES[n][0], progress)
+               for n, e in extractors.items()}
+  real_fs = real_sets[INCEPTION]
+  if backbone == "vgg16":
+    real_fs = _join(real_fs, real_sets[VGG16])
   real_pos = {i: k for k, i in enumerate(real.ids)}
-  keep_pool = np.asarray([pool_pos[i] for i in pool_fs.ids], int)
   keep_real = np.asarray([real_pos[i] for i in real_fs.ids], int)
   cfg = scoring.ScoringConfig(
       fcs_tap=_FCS_TAPS[backbone], u_form=sc.u_form, max_per_set=int(sc.max_per_set) or None,
       seed=seed, ssim_max_refs=int(sc.ssim_max_refs))
+  index = {c: k for k, c in enumerate(names)}
+  references = baselines.choose_ssim_references(
+      np.array([index[r["class"]] for r in pool_rows], np.int32), real.images[keep_real],
+      real_fs.labels, same_class=cfg.ssim_same_class, max_refs=cfg.ssim_max_refs,
+      reduce=cfg.ssim_reduce, seed=cfg.seed)
+
+  pool_sets, ssim, psnr, unreadable = _pool_features(spec, pool_rows, extractors, fdir,
+                                                     references, progress)
+  pool_fs = pool_sets[INCEPTION]
+  if backbone == "vgg16":
+    pool_fs = _join(pool_fs, pool_sets[VGG16])
+  if real_fs.bad or pool_fs.bad:
+    logging.warning("%d real and %d pool images have non-finite features and are excluded: "
+                    "%s", len(real_fs.bad), len(pool_fs.bad),
+                    [b["id"] for b in (real_fs.bad + pool_fs.bad)[:10]])
+  if not pool_fs.ids:
+    raise ValueError(f"{spec.root}: none of the {len(pool_rows)} pool images to score could be "
+                     "read and gave finite features (see the warnings)")
+  pixel_scores = (np.array([ssim.get(i, np.nan) for i in pool_fs.ids]),
+                  np.array([psnr.get(i, np.nan) for i in pool_fs.ids]))
+  probs = None
+  if LOGITS_TAP in pool_fs.features:
+    probs = _probs(pool_fs.features[LOGITS_TAP])
   result = scoring.score_pool(
       pool_fs.ids, pool_fs.labels, pool_fs.features, real_fs.labels, real_fs.features,
-      config=cfg, images=pool.images[keep_pool], real_images=real.images[keep_real],
-      num_classes=len(names), class_names=names)
+      config=cfg, pixel_scores=pixel_scores, probs=probs, num_classes=len(names),
+      class_names=names)
   result.sources["fcs"]["fcs_backbone"] = backbone
   if backbone == "vgg16":
     result.sources["fcs"]["extractor"] = fcs_extractor.name
     result.sources["fcs"]["weights"] = str(weights) if weights is not None else None
+  if "is" in result.sources:
+    result.sources["is"]["weights"] = str(inc_weights) if inc_weights is not None else None
   scores_path = scoring.save_scoring_result(workdir / "scores.csv", result)
+  skipped = skipped + [dict(s, source="pool") for s in spec.skipped + unreadable]
   summary = {
       "scores": str(scores_path), "scored_pool_images": len(pool_fs.ids),
-      "pool_images": len(inputs.pool), "real_images": len(real_fs.ids),
-      "excluded": real_fs.bad + pool_fs.bad, "skipped_files": inputs.skipped,
+      "pool_images": len(spec.rows), "real_images": len(real_fs.ids),
+      "excluded": real_fs.bad + pool_fs.bad, "skipped_files": skipped,
       "fcs_backbone": backbone, "fcs_tap": cfg.fcs_tap,
+      "inception_score_column": "is" in result.table.columns,
       "sources": result.sources, "wall_time_s": None,
   }
-  rows_by_id = {r["id"]: r for r in inputs.pool.rows}
+  rows_by_id = {r["id"]: r for r in pool_rows}
   rows = [rows_by_id[i] for i in pool_fs.ids]
   if all("kind" in (r.get("extras") or {}) for r in rows):
     table = validation.validate_metrics(result.table, rows)

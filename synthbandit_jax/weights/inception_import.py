@@ -322,3 +322,59 @@ def cached_fid_inception_params(cache_dir: str | os.PathLike | None = None) -> d
   params = load_fid_inception_torchscript(ts_path)
   save_params(target, params)
   return params
+
+
+PYTORCH_FID_HOW_TO = (
+    "use a pytorch-fid state dict (pt_inception-2015-12-05-6726825d.pth from the pytorch-fid "
+    "GitHub releases, on a machine with internet access), which carries the 1008-way fc "
+    "layer; or leave the setting empty for the offline TorchScript asset (no fc)")
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def cached_inception_params(weights: str | os.PathLike | None = None,
+                            cache_dir: str | os.PathLike | None = None) -> dict:
+  """FID Inception params from `weights`, or from the offline asset when it is empty.
+
+  weights:
+    None / "": `cached_fid_inception_params()` (the TorchScript asset; no fc layer, so no
+      ``logits_1008`` tap and no Inception Score);
+    a pytorch-fid state dict ``.pth`` / ``.pt`` / ``.bin`` (needs torch the first time; the
+      params, fc included, are then cached as ``<cache_dir>/flax/fid_inception_pth_
+      <sha256[:12]>.msgpack``, keyed by the file's sha256);
+    the same tensors as ``.safetensors`` (read directly, no torch);
+    a ``.msgpack`` file written by `save_params` (our params, with or without ``fc``).
+  """
+  if weights is None or not str(weights).strip():
+    return cached_fid_inception_params(cache_dir)
+  path = Path(weights).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f"Inception weights file {path} does not exist; "
+                            f"{PYTORCH_FID_HOW_TO}")
+  if path.suffix == ".msgpack":
+    return load_params(path)
+  if path.suffix == ".safetensors":
+    from synthbandit_jax.weights import state_dict as sd_lib  # pylint: disable=g-import-not-at-top
+    return load_pytorch_fid_state_dict(sd_lib.read_safetensors(path, PYTORCH_FID_HOW_TO))
+  if path.suffix not in _TORCH_SUFFIXES:
+    raise ValueError(f"Inception weights file {path}: unknown suffix {path.suffix!r}; use a "
+                     f"pytorch-fid state dict ({', '.join(_TORCH_SUFFIXES)}), .safetensors or "
+                     ".msgpack")
+  root = Path(cache_dir).expanduser() if cache_dir is not None else assets.cache_dir()
+  target = root / "flax" / f"fid_inception_pth_{_file_sha256(path)[:12]}.msgpack"
+  if target.is_file():
+    try:
+      return load_params(target)
+    except ValueError:
+      target.unlink(missing_ok=True)  # unreadable (interrupted or foreign file): rebuild
+  params = load_pytorch_fid_state_dict(path)
+  save_params(target, params)
+  return params
