@@ -17,15 +17,13 @@ import time
 from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_FLAGS = common.define_flags()
+_CONFIG, _WORKDIR = _FLAGS.config, _FLAGS.workdir
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Ask the LLM again even if attributes.json "
                                "exists for the same classes and seed.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_classes(spec: str) -> list[str]:
@@ -40,7 +38,7 @@ def parse_classes(spec: str) -> list[str]:
 
 def main(argv):
   del argv
-  common.quiet_library_logs()
+  common.start(_FLAGS)
   from synthbandit_jax.generation import attributes as ga  # after flags: keeps --help fast
   from synthbandit_jax.generation import prompts as gp
   cfg = _CONFIG.value

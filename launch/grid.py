@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-flags.mark_flags_as_required(["config", "workdir"])
+_FLAGS = common.define_flags()
+_CONFIG, _WORKDIR = _FLAGS.config, _FLAGS.workdir
+_PROGRESS = _FLAGS.progress
 
 
 def main(argv):
   del argv
-  common.quiet_library_logs()
+  common.start(_FLAGS)
   from synthbandit_jax import grid  # after flags: keeps --help fast
   result = grid.run_grid(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
   print()

@@ -16,21 +16,19 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_FLAGS = common.define_flags()
+_CONFIG, _WORKDIR = _FLAGS.config, _FLAGS.workdir
 _STAGES = flags.DEFINE_list("stages", [], "Run only these stages (default: all that apply): "
                             "attributes, generator, generate, score, train, report.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PROGRESS = _FLAGS.progress
 
 
 def main(argv):
   del argv
-  common.quiet_library_logs()
+  common.start(_FLAGS)
   from synthbandit_jax import pipeline  # after flags: keeps --help fast
   try:
     state = pipeline.run_pipeline(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value or None,

@@ -13,21 +13,19 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from launch import common
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_FLAGS = common.define_flags()
+_CONFIG, _WORKDIR = _FLAGS.config, _FLAGS.workdir
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Discard what the workdir holds.")
 _RESUME = flags.DEFINE_bool("resume", True, "Resume an interrupted run in the workdir.")
-_PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
-flags.mark_flags_as_required(["config", "workdir"])
+_PROGRESS = _FLAGS.progress
 
 
 def main(argv):
   del argv
-  common.quiet_library_logs()
+  common.start(_FLAGS)
   from synthbandit_jax.training import trainer  # after flags: keeps --help fast
   summary = trainer.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
                         resume=_RESUME.value, progress=_PROGRESS.value)

@@ -1,15 +1,34 @@
-"""Meshes and shardings for data-parallel work over all local devices.
+"""Meshes, shardings and multi-host helpers.
 
 Everything goes through `jax.sharding`: a 1-D mesh with the axis name `data`; batches are
 sharded along their leading axis, parameters and datasets kept on device are replicated.
 The mesh is built with `jax.sharding.Mesh` directly (axis types Auto), so `jit` inserts the
 collectives itself (the gradient all-reduce of data parallelism falls out of the SPMD
 partitioner).
+
+Two kinds of mesh:
+
+* `make_mesh`: the local devices of this process. The embarrassingly parallel stages
+  (generation, feature extraction) run on it; with several processes each one takes its own
+  slice of the work (`process_slice`, shards `s % process_count == process_index`) and
+  the hosts never wait on each other inside a batch.
+* `make_global_mesh`: every device of every process (the training mesh). Arrays on it are
+  global: replicated ones come from `replicate` (every host holds the same host value) and
+  batches from `global_batch` (each host supplies only the rows of its own devices, via
+  `jax.make_array_from_process_local_data`).
+
+Multi-process runs start with `initialize_distributed` (JAX's own runtime: explicit flags,
+the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment, or JAX's
+cluster auto-detection on TPU pods, SLURM and Open MPI). With one process every helper here
+is a no-op or the obvious single-host operation.
 """
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import threading
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import jax
@@ -18,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def make_mesh(num_devices: int = 0, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -44,6 +64,26 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def make_global_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D `data` mesh over every device of every process (the training mesh).
+
+  `num_devices` = 0 takes them all. With one process this is `make_mesh(num_devices)`; with
+  several, a subset would leave some hosts without devices, so only 0 (or the total) is
+  accepted.
+  """
+  if jax.process_count() == 1:
+    return make_mesh(num_devices)
+  total = jax.device_count()
+  if num_devices not in (0, total):
+    raise ValueError(
+        f"config parallel.num_devices={num_devices}: with {jax.process_count()} processes "
+        f"the training mesh spans all {total} devices; set it to 0 (or limit the devices of "
+        f"each process with --local_device_ids / JAX_LOCAL_DEVICE_IDS)")
+  # jax.devices() lists the devices grouped by process, so each process owns one
+  # contiguous block of the data axis (what `global_batch` relies on; checked there).
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
 def mesh_size(mesh: Mesh) -> int:
   return int(mesh.devices.size)
 
@@ -55,6 +95,204 @@ def check_divisible(batch_size: int, mesh: Mesh, key: str) -> None:
     raise ValueError(
         f"config {key}={batch_size} must be a multiple of the number of devices ({n}); "
         f"set {key} to {max(n, batch_size // n * n)} or parallel.num_devices to a divisor.")
+
+
+# --------------------------------------------------------------------------- multi-host
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name, "").strip()
+  if not value:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _cluster_detected() -> str | None:
+  """The multi-process launcher JAX can auto-detect here, or None (a plain single run)."""
+  if (_env_int("SLURM_NTASKS") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
+    return "slurm"
+  if (_env_int("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+    return "ompi"
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if len([h for h in hosts.split(",") if h.strip()]) > 1:
+    return "tpu pod"
+  return None
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None,
+                           mode: str = "auto") -> bool:
+  """Starts JAX's multi-process runtime when this run is one process of several.
+
+  Call it first, before anything touches a device. Values come from the arguments, else
+  from the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID,
+  JAX_LOCAL_DEVICE_IDS). `mode`:
+
+    "auto"  initialise when a coordinator address and a process count > 1 are known, or when
+            a TPU pod, SLURM job (> 1 task) or Open MPI launch is detected (JAX then finds
+            the coordinator itself); otherwise stay a single process.
+    "on"    always initialise (JAX's cluster auto-detection fills what is not given).
+    "off"   never (a single process, whatever the environment says).
+
+  Returns True when the runtime is (now) initialised. Calling it twice is harmless.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"--distributed must be auto, on or off, got {mode!r}")
+  if mode == "off":
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  n = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+  pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  if local_device_ids is None and os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+    local_device_ids = [int(x) for x in os.environ["JAX_LOCAL_DEVICE_IDS"].split(",")]
+  cluster = _cluster_detected()
+  explicit = address is not None and n is not None and n > 1
+  if mode == "auto" and not explicit and cluster is None:
+    if address is not None or (n or 1) > 1 or pid is not None:
+      missing = [name for name, v in (("--coordinator_address", address),
+                                      ("--num_processes", n), ("--process_id", pid))
+                 if v is None]
+      raise ValueError(
+          "a multi-process run needs a coordinator address, the number of processes and "
+          f"this process's id; missing: {', '.join(missing)} (flags, or the environment "
+          "variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+    return False
+  if explicit and pid is None:
+    raise ValueError(f"--num_processes={n} with --coordinator_address={address} needs "
+                     "--process_id (0 .. num_processes-1) on every process")
+  log.info("jax.distributed.initialize(coordinator=%s, num_processes=%s, process_id=%s%s)",
+           address, n, pid, f", detected {cluster}" if cluster and not explicit else "")
+  jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid,
+                             local_device_ids=local_device_ids)
+  return True
+
+
+def is_main_process() -> bool:
+  """True on process 0, the one that writes reports and summaries."""
+  return jax.process_index() == 0
+
+
+def process_slice(n: int, process_index: int | None = None,
+                  process_count: int | None = None) -> np.ndarray:
+  """The items of `range(n)` this process handles: `i % process_count == process_index`.
+
+  Strided, so every process gets an even share of every class when items are grouped.
+  """
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  return np.arange(pi, n, pc)
+
+
+def sync(name: str) -> None:
+  """A barrier across all processes (no-op with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def gather_rows(rows: np.ndarray) -> list[np.ndarray]:
+  """Every process's `rows` (arrays of one dtype and trailing shape; lengths may differ),
+  as a list indexed by process. With one process: `[rows]`."""
+  rows = np.asarray(rows)
+  if jax.process_count() == 1:
+    return [rows]
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  n = np.asarray([len(rows)], np.int64)
+  counts = np.asarray(multihost_utils.process_allgather(n)).reshape(-1)
+  width = int(counts.max())
+  padded = np.zeros((width,) + rows.shape[1:], rows.dtype)
+  padded[:len(rows)] = rows
+  everything = np.asarray(multihost_utils.process_allgather(padded))
+  everything = everything.reshape((len(counts), width) + rows.shape[1:])
+  return [everything[p, :int(c)] for p, c in enumerate(counts)]
+
+
+def assert_same_on_all_processes(tree: Any, what: str) -> None:
+  """Fails, naming `what`, unless every process holds the same values of `tree`."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  leaves = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(tree)]
+  for k, leaf in enumerate(leaves):
+    everyone = np.asarray(multihost_utils.process_allgather(leaf))
+    same = all(np.array_equal(everyone[0], everyone[p], equal_nan=True)
+               for p in range(1, everyone.shape[0]))
+    if not same:
+      raise AssertionError(
+          f"{what} differs between processes (leaf {k}: process 0 has "
+          f"{everyone[0].ravel()[:8]}, process {jax.process_index()} has "
+          f"{leaf.ravel()[:8]}); the processes no longer run the same program")
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Host values (the same on every process) -> arrays replicated over `mesh`."""
+  return jax.device_put(jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree),
+                        replicated(mesh))
+
+
+def local_rows(global_size: int, mesh: Mesh) -> slice:
+  """The rows of a batch-sharded array of `global_size` rows whose shards live on this
+  process's devices (one contiguous block: `global_batch` needs it)."""
+  sharding = batch_sharded(mesh)
+  index_map = sharding.addressable_devices_indices_map((global_size,))
+  starts = sorted({(idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_size)
+                   for idx in index_map.values()})
+  lo, hi = starts[0][0], starts[-1][1]
+  covered = sum(b - a for a, b in starts)
+  if covered != hi - lo:
+    raise ValueError("this process's devices do not hold one contiguous block of the data "
+                     "axis; build the mesh with parallel.make_global_mesh")
+  return slice(lo, hi)
+
+
+def global_batch(make_local: Any, global_size: int, mesh: Mesh) -> Any:
+  """A batch-sharded global array of `global_size` rows, of which this process builds only
+  its own rows: `make_local(rows: slice)` returns a pytree of host arrays for them."""
+  if jax.process_count() == 1:
+    return jax.device_put(make_local(slice(0, global_size)), batch_sharded(mesh))
+  rows = local_rows(global_size, mesh)
+  sharding = batch_sharded(mesh)
+  return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(
+          sharding, np.asarray(a), (global_size,) + np.shape(a)[1:]),
+      make_local(rows))
+
+
+def check_shared_directory(directory: str | os.PathLike, what: str = "--workdir") -> None:
+  """With several processes: fails unless every process sees `directory` as one shared
+  directory (process 0 writes a token that every other process must read back)."""
+  if jax.process_count() == 1:
+    return
+  directory = Path(directory)
+  token = directory / ".synthbandit_shared_check"
+  stamp = f"{os.getpid()}-{jax.process_index()}"
+  if is_main_process():
+    directory.mkdir(parents=True, exist_ok=True)
+    from synthbandit_jax import io as sio  # pylint: disable=import-outside-toplevel
+    sio.atomic_write_text(token, stamp)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  # Everyone learns process 0's stamp through the runtime, then looks for it on disk.
+  code = np.frombuffer(stamp.encode().ljust(64, b" "), np.uint8)
+  code = np.asarray(multihost_utils.broadcast_one_to_all(code))
+  expected = bytes(code.astype(np.uint8)).decode().strip()
+  try:
+    seen = token.read_text().strip()
+  except OSError:
+    seen = None
+  ok = np.asarray([seen == expected], np.int32)
+  all_ok = np.asarray(multihost_utils.process_allgather(ok)).reshape(-1)
+  if not all_ok.all():
+    bad = [int(p) for p in np.flatnonzero(all_ok == 0)]
+    raise RuntimeError(
+        f"{what}={directory} is not one shared directory: process(es) {bad} do not see what "
+        "process 0 wrote there. Multi-process runs need a workdir on a filesystem every host "
+        "mounts (NFS, a mounted bucket); see README 'Multi-host runs'")
 
 
 class _Failed:

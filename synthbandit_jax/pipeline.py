@@ -21,6 +21,11 @@ Drop-ins: a pool of your own (`pool.kind=dir`, `pool.path=...`) skips attributes
 generate; a score table of your own (`scores.path=...`) skips scoring; arms that do not come
 from scores (`arms.source=groups|file`) skip scoring too; `pool.kind=controlled` builds the
 controlled pool (no generation).
+
+With several processes (jax.distributed, see README "Multi-host runs") every process runs the
+pipeline: generate, score and train split their work across the processes; attributes,
+generator and report run on process 0 while the others wait; only process 0 writes
+stages.json and moves superseded outputs. The workdir must be shared by all processes.
 """
 from __future__ import annotations
 
@@ -37,11 +42,14 @@ from typing import Any, Callable, Sequence
 import ml_collections
 
 from synthbandit_jax import io as sio
+from synthbandit_jax import parallel
 from synthbandit_jax.training import trainer
 
 log = logging.getLogger(__name__)
 
 STAGES = ("attributes", "generator", "generate", "score", "train", "report")
+# Stages that run on process 0 only (small, or single-device by nature); the others wait.
+MAIN_PROCESS_STAGES = ("attributes", "generator", "report")
 STATE_FILE = "stages.json"
 OFFLINE_MODEL = "offline"
 
@@ -296,7 +304,10 @@ def run_pipeline(config, workdir: str | Path, *, stages: Sequence[str] | None = 
   extensions).
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  main = parallel.is_main_process()
+  if main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  parallel.check_shared_directory(workdir)
   wanted = list(stages) if stages else list(STAGES)
   unknown = [s for s in wanted if s not in STAGES]
   if unknown:
@@ -305,6 +316,7 @@ def run_pipeline(config, workdir: str | Path, *, stages: Sequence[str] | None = 
   cfg = resolve_config(config, workdir)
   flat = trainer.flatten_config(trainer.config_dict(cfg))
   state = _read_state(workdir)
+  parallel.sync("pipeline: state read")  # every process decides from the same stages.json
   hashes: dict[str, str] = {}
   t_all = time.perf_counter()
   last = max(STAGES.index(s) for s in wanted)
@@ -330,20 +342,27 @@ def run_pipeline(config, workdir: str | Path, *, stages: Sequence[str] | None = 
         raise ValueError(f"stage {name!r} has not run in {workdir}; add it to --stages "
                          f"(needed by the later stages)")
       continue
-    if prev.get("hash") not in (None, h):
+    if prev.get("hash") not in (None, h) and main:
       moved = _supersede(workdir, _stage_paths(name, cfg, workdir), f"{name}-{prev['hash']}")
       if moved:
         print(f"[{name}] settings changed: moved {moved} to superseded/{name}-{prev['hash']}")
     state[name] = {"hash": h, "status": "running", "started": time.time()}
-    sio.atomic_write_json(workdir / STATE_FILE, state)
-    print(f"[{name}] running")
+    if main:
+      sio.atomic_write_json(workdir / STATE_FILE, state)
+      print(f"[{name}] running")
+    parallel.sync(f"pipeline: {name} starts")
     t0 = time.perf_counter()
     run = (runners or {}).get(name, st.run)
-    counts = run(cfg, workdir, progress) or {}
+    counts = {}
+    if main or name not in MAIN_PROCESS_STAGES:
+      counts = run(cfg, workdir, progress and main) or {}
+    parallel.sync(f"pipeline: {name} finished")
     state[name] = {"hash": h, "status": "done", "seconds": round(time.perf_counter() - t0, 2),
                    "counts": counts}
-    sio.atomic_write_json(workdir / STATE_FILE, state)
-    print(f"[{name}] done in {state[name]['seconds']:.0f} s {counts}")
+    if main:
+      sio.atomic_write_json(workdir / STATE_FILE, state)
+      print(f"[{name}] done in {state[name]['seconds']:.0f} s {counts}")
   state["_total_seconds"] = round(time.perf_counter() - t_all, 2)
-  sio.atomic_write_json(workdir / STATE_FILE, state)
+  if main:
+    sio.atomic_write_json(workdir / STATE_FILE, state)
   return state

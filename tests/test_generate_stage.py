@@ -205,3 +205,46 @@ def test_prompts_errors(tmp_path):
   f.write_text('{"id": "a", "prompt": "p"}\n')
   with pytest.raises(ValueError, match=r"p\.jsonl:1.*class"):
     stage.read_prompts(f)
+
+
+_TWO_PROCESSES = r"""
+init()
+from pathlib import Path
+from tests.test_generate_stage import _config
+from synthbandit_jax.generation import stage
+wd = Path({wd!r})
+s = stage.run_generation(_config(wd, Path({model!r}), batch_size=2, shard_size=2), wd,
+                         progress=False)
+emit({{k: s[k] for k in ("generated", "shards", "shards_written", "complete")}})
+"""
+
+
+def test_two_processes_split_the_shards_and_resume_per_host(sd_dir, tmp_path):
+  """Two JAX processes (as two hosts) generate one pool: each writes its own shards, the
+  pool has every id exactly once and the images of a single-process run; a host that lost
+  a shard redoes only that shard."""
+  from tests import multihost  # pylint: disable=import-outside-toplevel
+  ref, wd = tmp_path / "one", tmp_path / "two"
+  for w in (ref, wd):
+    _write_prompts(w, 8)
+  stage.run_generation(_config(ref, sd_dir, batch_size=2, shard_size=2), ref, progress=False)
+  script = _TWO_PROCESSES.format(wd=str(wd), model=str(sd_dir))
+  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300)
+  # 4 shards: process p takes shards s % 2 == p.
+  assert [o["shards_written"] for o in out] == [2, 2]
+  assert [o["generated"] for o in out] == [4, 4]
+  assert all(o["complete"] for o in out)
+  rows = [json.loads(l) for l in (wd / "pool" / "metadata.jsonl").read_text().splitlines()]
+  assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in _rows(8))  # no gap, no dup
+  a, b = _images(ref / "pool"), _images(wd / "pool")
+  assert a.keys() == b.keys()
+  assert max(int(np.abs(a[k].astype(int) - b[k].astype(int)).max()) for k in a) <= 1
+  # Process 1 "crashed" before finishing shard 3 (its metadata file marks it done).
+  (wd / "pool" / "metadata" / "shard_00003.jsonl").unlink()
+  (wd / "pool" / "metadata.jsonl").unlink()
+  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300)
+  assert [o["shards_written"] for o in out] == [0, 1]
+  assert all(o["complete"] for o in out)
+  c = _images(wd / "pool")
+  assert c.keys() == a.keys()
+  assert max(int(np.abs(a[k].astype(int) - c[k].astype(int)).max()) for k in a) <= 1

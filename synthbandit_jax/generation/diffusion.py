@@ -222,7 +222,7 @@ def image_noise(seed: int, ids: Sequence[str], shape: tuple[int, ...]) -> np.nda
   The key is ``fold_in(key(seed), crc32(id))``, so an image's noise does not depend on its
   batch, the number of devices, the machine, or where a run was resumed.
   """
-  cpu = jax.devices("cpu")[0]
+  cpu = jax.local_devices(backend="cpu")[0]  # this process's (multi-host: not process 0's)
   with jax.default_device(cpu):
     base = jax.random.key(int(seed) & 0xFFFFFFFF)
     folds = jnp.asarray([zlib.crc32(str(i).encode("utf-8")) for i in ids], jnp.uint32)

@@ -159,7 +159,9 @@ def generate_pool(pipeline, rows: Sequence[dict], pool_dir: str | Path, *, setti
   parallel.check_divisible(batch_size, mesh, "generate.batch_size")
   if identity is not None:
     _check_resume(pool_dir, identity)
-    sio.atomic_write_json(pool_dir / "generation.json", identity)
+    parallel.sync("generate: resume checked")  # all read generation.json before it is rewritten
+    if process_index == 0:
+      sio.atomic_write_json(pool_dir / "generation.json", identity)
   writer = pool_lib.PoolWriter(pool_dir)
   num_shards = -(-len(rows) // shard_size)
   mine = [s for s in range(num_shards) if s % process_count == process_index]
@@ -175,7 +177,7 @@ def generate_pool(pipeline, rows: Sequence[dict], pool_dir: str | Path, *, setti
             "black": 0}
   source = source or f"sd:{pipeline.name}"
   total = sum(min(shard_size, len(rows) - s * shard_size) for s in todo)
-  bar = _progress(total, progress)
+  bar = _progress(total, progress and process_index == 0)
   t0 = time.perf_counter()
   for s in todo:
     shard_rows = rows[s * shard_size:(s + 1) * shard_size]
@@ -217,6 +219,9 @@ def generate_pool(pipeline, rows: Sequence[dict], pool_dir: str | Path, *, setti
     writer.write_shard(s, images, meta)
   bar.close()
   wall = time.perf_counter() - t0
+  if process_count > 1:
+    # Wait for every process's shards: then process 0 sees the whole pool and finalises it.
+    parallel.sync("generate: shards written")
   done = writer.finished_shards()
   complete = all(s in done for s in range(num_shards))
   if complete and process_index == 0:
@@ -279,7 +284,8 @@ def run_generation(config, workdir: str | Path, *, progress: bool = True,
       negative_prompts=bool(g.negative_prompts))
   summary.update({"pool": str(pool_dir), "prompts": str(prompts_path), "images": len(rows),
                   "model": ident["model"], "dtype": g.dtype,
-                  "devices": jax.device_count(), "backend": jax.default_backend()})
+                  "devices": jax.local_device_count(), "processes": jax.process_count(),
+                  "backend": jax.default_backend()})
   if jax.process_index() == 0:
     sio.atomic_write_json(workdir / "generate.json", summary)
   return summary

@@ -314,7 +314,9 @@ class HostStreamingEpoch:
   streamed to the devices with a prefetch thread (`prefetch` batches ahead).
 
   Uses the very same `plan_epoch` / `train_step` / `eval_batch` / `finish_epoch` as the
-  on-device epoch, so both paths agree up to float reassociation.
+  on-device epoch, so both paths agree up to float reassociation. With several processes
+  (a global mesh), every process plans the same epoch and gathers only the rows of each
+  batch that its own devices hold (`parallel.global_batch`).
   """
 
   def __init__(self, spec: EpochSpec, prefetch: int = 2):
@@ -329,14 +331,15 @@ class HostStreamingEpoch:
     self._finish = jax.jit(lambda st, arm, acc, n: finish_epoch(
         spec.bandit, spec.reward_fn, st, arm, acc, n, spec.warmup_epochs))
 
-  def _put(self, x):
+  def _put(self, make_batch, i: int, size: int):
+    """Batch i on the devices; `make_batch(i, rows)` gives the host rows `rows` of it."""
     if self.spec.mesh is None:
-      return jax.device_put(x)
-    return jax.device_put(x, parallel.batch_sharded(self.spec.mesh))
+      return jax.device_put(make_batch(i, slice(0, size)))
+    return parallel.global_batch(lambda rows: make_batch(i, rows), size, self.spec.mesh)
 
-  def _stream(self, make_batch, n):
+  def _stream(self, make_batch, n, size):
     """Yields device batches 0..n-1, produced `prefetch` ahead on a worker thread."""
-    return parallel.prefetch((tuple(self._put(a) for a in make_batch(i)) for i in range(n)),
+    return parallel.prefetch((self._put(make_batch, i, size) for i in range(n)),
                              max(1, self.prefetch))
 
   def evaluate(self, params, batch_stats, images: np.ndarray, labels: np.ndarray,
@@ -345,8 +348,9 @@ class HostStreamingEpoch:
     es = make_eval_set(images, labels, eval_batch_size)
     correct = jnp.zeros((), jnp.float32)
     count = jnp.zeros((), jnp.float32)
-    for x, y, m in self._stream(lambda i: (es.images[i], es.labels[i], es.mask[i]),
-                                len(es.labels)):
+    for x, y, m in self._stream(
+        lambda i, r: (es.images[i][r], es.labels[i][r], es.mask[i][r]), len(es.labels),
+        eval_batch_size):
       c, n = self._eval(params, batch_stats, x, y, m)
       correct, count = correct + c, count + n
     return correct / jnp.maximum(count, 1.0)
@@ -361,7 +365,8 @@ class HostStreamingEpoch:
     zero = jnp.zeros((), jnp.float32)
     loss_sum, correct, count = zero, zero, zero
     batches = self._stream(
-        lambda i: (bank_images[batch_idx[i]], bank_labels[batch_idx[i]], loss_mask[i]), n)
+        lambda i, r: (bank_images[batch_idx[i][r]], bank_labels[batch_idx[i][r]],
+                      loss_mask[i][r]), n, batch_idx.shape[1])
     for x, y, m in batches:
       state, (l, c, k) = self._step(state, x, y, m)
       loss_sum, correct, count = loss_sum + l, correct + c, count + k

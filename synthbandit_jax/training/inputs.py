@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from synthbandit_jax import arms as arms_lib
+from synthbandit_jax import parallel
 from synthbandit_jax.data import controlled as controlled_lib
 from synthbandit_jax.data import pool as pool_lib
 from synthbandit_jax.data import real as real_lib
@@ -110,18 +111,27 @@ def prepare_inputs(config, workdir: str | Path, progress: bool = True,
     # Always called: it skips finished shards, and refuses a pool built from other
     # arguments (e.g. another seed, whose holdout may overlap this seed's val/test).
     logging.info("controlled pool in %s from %d held-out images", root, len(holdout))
-    try:
-      controlled_lib.build_controlled_pool(
-          holdout.images, holdout.labels, class_names, root, seed=split_seed(config),
-          kinds=_csv(config.pool.kinds),
-          severities=tuple(int(s) for s in _csv(config.pool.severities)),
-          copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
-          progress=progress)
-    except ValueError as e:
-      if "other arguments" not in str(e):
-        raise
-      raise ValueError(f"{e}. (With launch/train.py, --overwrite rebuilds the workdir's "
-                       f"pool; or pick another --workdir / pool.path.)") from e
+    # With several processes, process 0 builds it and the others wait, then all read it.
+    error = None
+    if parallel.is_main_process():
+      try:
+        controlled_lib.build_controlled_pool(
+            holdout.images, holdout.labels, class_names, root, seed=split_seed(config),
+            kinds=_csv(config.pool.kinds),
+            severities=tuple(int(s) for s in _csv(config.pool.severities)),
+            copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
+            progress=progress)
+      except ValueError as e:
+        error = e
+    parallel.sync("controlled pool built")
+    if error is not None:
+      if "other arguments" not in str(error):
+        raise error
+      raise ValueError(f"{error}. (With launch/train.py, --overwrite rebuilds the workdir's "
+                       f"pool; or pick another --workdir / pool.path.)") from error
+    if not (root / pool_lib.METADATA_NAME).exists():
+      raise FileNotFoundError(f"{root}: process 0 failed to build the controlled pool (see "
+                              "its log)")
   elif kind == "dir":
     if not config.pool.path:
       raise ValueError("pool.kind='dir' needs pool.path (a directory with metadata.jsonl)")

@@ -10,6 +10,11 @@ Layout of a workdir:
   WORKDIR/<mode>/results.json    that mode's result (see `train_mode`)
   WORKDIR/results.json           all modes plus a comparison table
   WORKDIR/report.md, *.png       the report and its plots
+
+Multi-process runs (`parallel.initialize_distributed`): every process runs this same code on
+the global mesh (`parallel.make_global_mesh`); the bandit state is asserted identical on all
+processes every epoch; orbax writes the checkpoints (primary process, shared workdir); only
+process 0 writes config.json, results.json and the report.
 """
 from __future__ import annotations
 
@@ -131,8 +136,10 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   epochs = int(config.train.epochs)
   results_path = run_dir / "results.json"
   fp, fp_items = fingerprint(config)
-  if overwrite and run_dir.exists():
+  main = parallel.is_main_process()
+  if overwrite and run_dir.exists() and main:
     shutil.rmtree(run_dir)
+  parallel.sync(f"train_mode {mode}: overwrite")
   if results_path.exists():
     done = sio.read_json(results_path)
     if done.get("fingerprint") == fp and done.get("epochs_completed", 0) >= epochs:
@@ -158,8 +165,10 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
     if not resume:
       raise ValueError(f"{run_dir} holds an unfinished run; resume it (the default) or pass "
                        f"--overwrite to start again")
-  sio.atomic_write_json(cfg_path, {"fingerprint": fp, "fingerprinted": fp_items,
-                                   "config": config_dict(config), "mode": mode})
+  parallel.sync(f"train_mode {mode}: checked")  # everyone read config.json before it changes
+  if main:
+    sio.atomic_write_json(cfg_path, {"fingerprint": fp, "fingerprinted": fp_items,
+                                     "config": config_dict(config), "mode": mode})
 
   named_arms, uses_bandit = inputs_lib.mode_arms(config, inputs, mode)
   warmup = int(config.train.warmup_epochs) if uses_bandit else 0
@@ -192,7 +201,7 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   if reward_fn is None:
     reward_fn = bandits_lib.reward_fn(config.bandit.reward, float(config.bandit.reward_scale))
 
-  mesh = parallel.make_mesh(int(config.parallel.num_devices))
+  mesh = parallel.make_global_mesh(int(config.parallel.num_devices))
   batch_size = int(config.train.batch_size)
   eval_batch_size = int(config.train.eval_batch_size)
   parallel.check_divisible(batch_size, mesh, "train.batch_size")
@@ -215,7 +224,9 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   tx = optim_lib.make_optimizer(
       config.optim, probe["params"], steps_per_epoch * epochs,
       trainable="head" if config.model.frozen_backbone else "all")
-  state = epoch_lib.create_train_state(model, tx, bandit, num_bandit_arms, rng, input_shape)
+  # Host values first: with several processes the state must become a global array.
+  state = parallel.replicate(
+      epoch_lib.create_train_state(model, tx, bandit, num_bandit_arms, rng, input_shape), mesh)
 
   repl = parallel.replicated(mesh)
   val_set = jax.device_put(epoch_lib.make_eval_set(inputs.val.images, inputs.val.labels,
@@ -243,11 +254,11 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
     logging.info("mode %s: resuming from epoch %d in %s", mode, int(state.epoch), run_dir)
   else:
     state = state.replace(prev_val_accuracy=eval_fn(state.params, state.batch_stats, val_set))
-  state = jax.device_put(state, repl)
+  state = parallel.replicate(state, mesh)
 
   start = int(state.epoch)
   bar = tqdm(total=epochs, initial=start, desc=f"{mode:>12}", unit="epoch",
-             disable=not progress, dynamic_ncols=True)
+             disable=not (progress and main), dynamic_ncols=True)
   crash_after = int(config.debug.crash_after_epoch)
   try:
     for _ in range(start, epochs):
@@ -263,6 +274,10 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
           "train_loss": float(metrics["train_loss"]),
           "train_accuracy": float(metrics["train_accuracy"]),
           "images": int(metrics["images"]), "wall_time_s": wall})
+      # The bandit runs inside jit on every process from replicated state: a difference
+      # here means the processes diverged (different data, config or code).
+      parallel.assert_same_on_all_processes(
+          (state.bandit_state, state.epoch), f"mode {mode}: bandit state after epoch {e}")
       ckpt.save(e, state, history)
       bar.set_postfix(arm=arms.names[arm][:16], loss=f"{float(metrics['train_loss']):.3f}",
                       acc=f"{float(metrics['train_accuracy']):.3f}",
@@ -303,10 +318,13 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
       "images_seen": int(state.images_seen),
       "wall_time_s": float(sum(r["wall_time_s"] for r in history["epochs"])),
       "num_devices": parallel.mesh_size(mesh),
+      "num_processes": jax.process_count(),
       "data": inputs_lib.describe(inputs),
       "skipped_files": inputs.skipped,
   }
-  sio.atomic_write_json(results_path, results)
+  if main:
+    sio.atomic_write_json(results_path, results)
+  parallel.sync(f"train_mode {mode}: done")
   return results
 
 
@@ -345,7 +363,9 @@ def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = 
       print(f"{workdir} holds a finished run (results.json, report.md); nothing to do. "
             f"Pass --overwrite to run it again or choose another --workdir.")
       return done
-  if overwrite:
+  main = parallel.is_main_process()
+  parallel.check_shared_directory(workdir)
+  if overwrite and main:
     for d in dirs:
       shutil.rmtree(workdir / d, ignore_errors=True)
     if config.pool.kind == "controlled" and not config.pool.path:
@@ -353,7 +373,9 @@ def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = 
     for name in ("results.json", "report.md"):
       (workdir / name).unlink(missing_ok=True)
   workdir.mkdir(parents=True, exist_ok=True)
-  sio.atomic_write_json(workdir / "config.json", config_dict(config))
+  if main:
+    sio.atomic_write_json(workdir / "config.json", config_dict(config))
+  parallel.sync("run: workdir ready")
 
   t0 = time.perf_counter()
   if inputs is None:
@@ -381,6 +403,8 @@ def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = 
     validation_md = Path(config.scores.path).parent / "metric_validation.md"
     if validation_md.exists():  # written by launch/score.py beside the score table
       summary["metric_validation_md"] = validation_md.read_text(encoding="utf-8")
-  sio.atomic_write_json(top, summary)
-  report_lib.write_report(workdir, summary)
+  if main:
+    sio.atomic_write_json(top, summary)
+    report_lib.write_report(workdir, summary)
+  parallel.sync("run: report written")
   return summary
