@@ -89,7 +89,9 @@ bandit.c, gamma, window, exp3_gamma, epsilon, decay, prior_mean, prior_std, obs_
 bandit.reward             "accuracy" | "gain" (val accuracy gain over the previous epoch)
 bandit.reward_scale       1.0 = reward in [0, 1]; 100.0 = the paper's percent
 checkpoint.keep           checkpoints kept per mode
-parallel.num_devices      0 = all local devices
+parallel.num_devices      training mesh: 0 = all devices (of all processes in a multi-host run,
+                          where it must stay 0); generation and scoring use each process's
+                          local devices
 debug.crash_after_epoch   testing aid: hard-exit right after saving this epoch (-1 = off)
 """
 from __future__ import annotations

@@ -41,8 +41,12 @@ def main(argv):
   common.start(_FLAGS)
   from synthbandit_jax.generation import attributes as ga  # after flags: keeps --help fast
   from synthbandit_jax.generation import prompts as gp
+  from synthbandit_jax import parallel
   cfg = _CONFIG.value
   workdir = Path(_WORKDIR.value)
+  if not parallel.is_main_process():  # a small single-device job: process 0 does it
+    parallel.sync("attributes done")
+    return
   names = parse_classes(cfg.classes)
   out_path = workdir / "attributes.json"
   t0 = time.time()
@@ -81,6 +85,7 @@ def main(argv):
           f"{'yes' if e['fallback'] else 'no'}")
   print(f"\n{len(rows)} prompts in {time.time() - t0:.1f} s: {workdir / 'prompts.jsonl'}   "
         f"attributes: {out_path}")
+  parallel.sync("attributes done")
 
 
 def run():

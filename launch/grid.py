@@ -25,6 +25,8 @@ def main(argv):
   common.start(_FLAGS)
   from synthbandit_jax import grid  # after flags: keeps --help fast
   result = grid.run_grid(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+  if not common.is_main_process():
+    return
   print()
   print(grid.format_markdown(result["table"]))
   print(f"{_WORKDIR.value}/grid.md, grid.csv, grid.json  ({result['wall_time_s'] / 60:.1f} min)")

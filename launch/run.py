@@ -35,6 +35,8 @@ def main(argv):
                                   progress=_PROGRESS.value)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
+  if not common.is_main_process():
+    return
   print(f"\n{'stage':<12}{'status':<12}{'seconds':>9}  details")
   for name in pipeline.STAGES:
     s = state.get(name, {})

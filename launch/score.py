@@ -29,6 +29,8 @@ def main(argv):
   common.start(_FLAGS)
   from synthbandit_jax.metrics import stage  # after flags: keeps --help fast
   summary = stage.run_scoring(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
+  if not common.is_main_process():
+    return
   print(f"\nscored {summary['scored_pool_images']} of {summary['pool_images']} pool images "
         f"against {summary['real_images']} real images in {summary['wall_time_s']:.0f} s: "
         f"{summary['scores']}")

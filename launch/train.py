@@ -29,6 +29,8 @@ def main(argv):
   from synthbandit_jax.training import trainer  # after flags: keeps --help fast
   summary = trainer.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value,
                         resume=_RESUME.value, progress=_PROGRESS.value)
+  if not common.is_main_process():
+    return
   print()
   print(f"{'mode':<14}{'test acc':>10}{'best val':>10}{'images':>10}  most pulled arm")
   for row in summary["comparison"]:

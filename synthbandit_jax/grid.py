@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from synthbandit_jax import io as sio
+from synthbandit_jax import parallel
 from synthbandit_jax import pipeline
 
 UPSTREAM = ("attributes", "generator", "generate", "score")
@@ -147,8 +148,10 @@ def run_grid(config, workdir: str | Path, *, progress: bool = True,
   result = {"table": rows, "runs": runs, "upstream": upstream,
             "grid": {"datasets": datasets, "models": models, "seeds": seeds, "modes": modes},
             "wall_time_s": time.perf_counter() - t0}
-  sio.atomic_write_json(workdir / "grid.json", result)
-  _write_csv(workdir / "grid.csv", rows)
-  sio.atomic_write_text(workdir / "grid.md", "# Experiment grid: test accuracy on real data\n\n"
-                        + format_markdown(rows))
+  if parallel.is_main_process():  # multi-host: every process ran the same grid
+    sio.atomic_write_json(workdir / "grid.json", result)
+    _write_csv(workdir / "grid.csv", rows)
+    sio.atomic_write_text(workdir / "grid.md", "# Experiment grid: test accuracy on real "
+                          "data\n\n" + format_markdown(rows))
+  parallel.sync("grid: written")
   return result

@@ -213,6 +213,15 @@ def gather_rows(rows: np.ndarray) -> list[np.ndarray]:
   return [everything[p, :int(c)] for p, c in enumerate(counts)]
 
 
+def gather_json(obj: Any) -> list[Any]:
+  """Every process's JSON-able `obj`, as a list indexed by process (`[obj]` with one)."""
+  import json  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return [obj]
+  blob = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+  return [json.loads(bytes(b).decode("utf-8")) for b in gather_rows(blob)]
+
+
 def assert_same_on_all_processes(tree: Any, what: str) -> None:
   """Fails, naming `what`, unless every process holds the same values of `tree`."""
   if jax.process_count() == 1:

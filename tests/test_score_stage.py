@@ -262,3 +262,46 @@ def test_inception_weights_config(tmp_path):
   c.score.inception_weights = str(tmp_path / "nope.pth")
   with pytest.raises(FileNotFoundError, match=r"score\.inception_weights=.*nope\.pth"):
     stage.run_scoring(c, tmp_path, progress=False)
+
+
+_TWO_PROCESSES = """
+init()
+from configs import tiny
+from synthbandit_jax.metrics import stage
+from tests.test_score_stage import _pixel_extractor, _small
+s = stage.run_scoring(_small(tiny.get_config()), {wd!r}, progress=False,
+                      extractor=_pixel_extractor())
+emit({{"scored": s["scored_pool_images"], "real": s["real_images"], "procs": s["processes"]}})
+"""
+
+
+def _small(c):
+  c.score.max_pool_images = 40
+  c.score.max_real_images = 30
+  c.score.batch_size = 5
+  return c
+
+
+def test_two_processes_score_the_same_table_as_one(tmp_path):
+  """Two JAX processes (as two hosts) each extract half the pool and half the real images;
+  the gathered features give the one-process score table, written once, by process 0."""
+  from synthbandit_jax.metrics import stage
+  from tests import multihost
+  one = stage.run_scoring(_small(tiny.get_config()), tmp_path / "one", progress=False,
+                          extractor=_pixel_extractor())
+  out = multihost.run_processes(_TWO_PROCESSES.format(wd=str(tmp_path / "two")), 2, 1,
+                                timeout=400)
+  assert [o["procs"] for o in out] == [2, 2]
+  assert all(o["scored"] == one["scored_pool_images"] == 40 for o in out)
+  assert all(o["real"] == one["real_images"] for o in out)
+  a = scores_lib.load_score_table(tmp_path / "one" / "scores.csv")
+  b = scores_lib.load_score_table(tmp_path / "two" / "scores.csv")
+  assert a.ids == b.ids and a.columns.keys() == b.columns.keys()
+  for col in a.columns:
+    # Same features, same float64 statistics: equal up to summation order.
+    np.testing.assert_allclose(b.columns[col], a.columns[col], rtol=1e-6, atol=1e-9,
+                               err_msg=col)
+  feats = sorted(p.name for p in (tmp_path / "two" / "features").iterdir())
+  assert "pool.part-00000-of-00002.npz" in feats and "pool.part-00001-of-00002.npz" in feats
+  assert (tmp_path / "two" / "metric_validation.md").read_text() == \
+      (tmp_path / "one" / "metric_validation.md").read_text()

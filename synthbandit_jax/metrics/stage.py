@@ -64,11 +64,13 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import special
 
 from synthbandit_jax import io as sio
+from synthbandit_jax import parallel
 from synthbandit_jax.data import controlled as controlled_lib
 from synthbandit_jax.data import pool as pool_lib
 from synthbandit_jax.data import real as real_lib
@@ -94,6 +96,37 @@ def _subsample(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
     return np.arange(n)
   per_class = max(1, cap // len(np.unique(labels)))
   return inputs_lib.cap_per_class(np.arange(n), labels, per_class, seed)
+
+
+def _part(name: str) -> str:
+  """This process's cache file: `pool.npz` alone, `pool.part-00001-of-00002.npz` with two."""
+  count = jax.process_count()
+  if count == 1:
+    return name
+  stem, ext = name.rsplit(".", 1)
+  return f"{stem}.part-{jax.process_index():05d}-of-{count:05d}.{ext}"
+
+
+def _gather_feature_set(local: features_lib.FeatureSet,
+                        order: Sequence[str]) -> features_lib.FeatureSet:
+  """The FeatureSets of all processes (disjoint slices of `order`, the ids of the whole
+  set) merged into one, rows in the order of `order`: what one process would have made."""
+  if jax.process_count() == 1:
+    return local
+  pos = {i: k for k, i in enumerate(order)}
+  where = np.concatenate(parallel.gather_rows(np.asarray([pos[i] for i in local.ids],
+                                                         np.int64)))
+  rank = np.argsort(where, kind="stable")
+  labels = np.concatenate(parallel.gather_rows(local.labels.astype(np.int32)))[rank]
+  feats = {t: np.concatenate(parallel.gather_rows(np.asarray(local.features[t])))[rank]
+           for t in sorted(local.features)}
+  extra = parallel.gather_json({"skipped": local.skipped, "bad": local.bad})
+  by_pos = lambda e: pos.get(e.get("id"), len(pos))  # pylint: disable=unnecessary-lambda-assignment
+  return features_lib.FeatureSet(
+      ids=[order[k] for k in where[rank]], labels=labels, class_names=local.class_names,
+      features=feats, skipped=sorted((e for x in extra for e in x["skipped"]), key=by_pos),
+      bad=sorted((e for x in extra for e in x["bad"]), key=by_pos),
+      meta=dict(local.meta, processes=jax.process_count()))
 
 
 def _features(extractor, images, ids, labels, class_names, path: Path, progress: bool):
@@ -217,18 +250,23 @@ def _pool_root(config, workdir: Path, splits: Mapping, class_names: Sequence[str
                        "images, but data.holdout_fraction is 0: set it (e.g. 0.4)")
     root = Path(config.pool.path) if config.pool.path else workdir / "pool"
     csv = inputs_lib._csv  # pylint: disable=protected-access
-    try:  # skips finished shards; refuses a pool built from other arguments
-      controlled_lib.build_controlled_pool(
-          holdout.images, holdout.labels, list(class_names), root,
-          seed=inputs_lib.split_seed(config), kinds=csv(config.pool.kinds),
-          severities=tuple(int(s) for s in csv(config.pool.severities)),
-          copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
-          progress=progress)
-    except ValueError as e:
-      if "other arguments" not in str(e):
-        raise
-      raise ValueError(f"{e}. (Pick another --workdir / pool.path, or remove the pool to "
-                       "rebuild it.)") from e
+    error = None
+    if parallel.is_main_process():  # multi-host: process 0 builds it, the others wait
+      try:  # skips finished shards; refuses a pool built from other arguments
+        controlled_lib.build_controlled_pool(
+            holdout.images, holdout.labels, list(class_names), root,
+            seed=inputs_lib.split_seed(config), kinds=csv(config.pool.kinds),
+            severities=tuple(int(s) for s in csv(config.pool.severities)),
+            copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
+            progress=progress)
+      except ValueError as e:
+        error = e
+    parallel.sync("scoring: controlled pool built")
+    if error is not None:
+      if "other arguments" not in str(error):
+        raise error
+      raise ValueError(f"{error}. (Pick another --workdir / pool.path, or remove the pool to "
+                       "rebuild it.)") from error
     return root
   if kind == "dir":
     if not config.pool.path:
@@ -366,7 +404,8 @@ def _pool_features(spec: PoolSpec, rows: Sequence[Mapping],
                    ) -> tuple[dict, dict, dict, list]:
   """Per network the pool FeatureSet (cached ones reused), and SSIM / PSNR by id."""
   keys = {n: _cache_key(e, spec, rows) for n, e in extractors.items()}
-  out = {n: _cached_pool_features(fdir / _CACHE_NAMES[n][1], keys[n]) for n in extractors}
+  out = {n: _cached_pool_features(fdir / _part(_CACHE_NAMES[n][1]), keys[n])
+         for n in extractors}
   todo = {n: extractors[n] for n, fs in out.items() if fs is None}
   if not todo and references is None:
     return out, {}, {}, []
@@ -376,7 +415,7 @@ def _pool_features(spec: PoolSpec, rows: Sequence[Mapping],
                              batch_size=next(iter(extractors.values())).batch_size)
   for n, fs in ex.features.items():
     fs.meta.update(fingerprint=extractors[n].fingerprint, cache_key=keys[n])
-    features_lib.save_features(fdir / _CACHE_NAMES[n][1], fs)
+    features_lib.save_features(fdir / _part(_CACHE_NAMES[n][1]), fs)
     out[n] = fs
   return out, ex.ssim, ex.psnr, ex.skipped
 
@@ -422,8 +461,13 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
   names = spec.class_names
   fdir = workdir / "features"
 
-  real_sets = {n: _features(e, real.images, real.ids, real.labels, names,
-                            fdir / _CACHE_NAMES[n][0], progress)
+  # Multi-host: each process extracts every process_count-th image (real and pool) on its
+  # own devices; the pieces are gathered so every process holds what one process would.
+  mine = parallel.process_slice(len(real.ids))
+  real_ids = list(real.ids)
+  real_sets = {n: _gather_feature_set(
+      _features(e, real.images[mine], [real_ids[k] for k in mine], real.labels[mine], names,
+                fdir / _part(_CACHE_NAMES[n][0]), progress), real_ids)
                for n, e in extractors.items()}
   real_fs = real_sets[INCEPTION]
   if backbone == "vgg16":
@@ -439,8 +483,16 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
       real_fs.labels, same_class=cfg.ssim_same_class, max_refs=cfg.ssim_max_refs,
       reduce=cfg.ssim_reduce, seed=cfg.seed)
 
-  pool_sets, ssim, psnr, unreadable = _pool_features(spec, pool_rows, extractors, fdir,
-                                                     references, progress)
+  pool_sets, ssim, psnr, unreadable = _pool_features(
+      spec, [pool_rows[k] for k in parallel.process_slice(len(pool_rows))], extractors, fdir,
+      references, progress)
+  if jax.process_count() > 1:
+    pool_ids = [r["id"] for r in pool_rows]
+    pool_sets = {n: _gather_feature_set(fs, pool_ids) for n, fs in pool_sets.items()}
+    parts = parallel.gather_json({"ssim": ssim, "psnr": psnr, "unreadable": unreadable})
+    ssim = {k: v for part in parts for k, v in part["ssim"].items()}
+    psnr = {k: v for part in parts for k, v in part["psnr"].items()}
+    unreadable = [e for part in parts for e in part["unreadable"]]
   pool_fs = pool_sets[INCEPTION]
   if backbone == "vgg16":
     pool_fs = _join(pool_fs, pool_sets[VGG16])
@@ -466,7 +518,10 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
     result.sources["fcs"]["weights"] = str(weights) if weights is not None else None
   if "is" in result.sources:
     result.sources["is"]["weights"] = str(inc_weights) if inc_weights is not None else None
-  scores_path = scoring.save_scoring_result(workdir / "scores.csv", result)
+  main = parallel.is_main_process()  # every process holds the same table; one writes it
+  scores_path = workdir / "scores.csv"
+  if main:
+    scores_path = scoring.save_scoring_result(scores_path, result)
   skipped = skipped + [dict(s, source="pool") for s in spec.skipped + unreadable]
   summary = {
       "scores": str(scores_path), "scored_pool_images": len(pool_fs.ids),
@@ -485,10 +540,14 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
             "Spearman: correlation with the ground-truth quality order (clean > severity 1 > "
             "2 > 3 and style shifts > wrong label). AUROC: flagging wrong-label images.\n\n"
             + validation.format_validation_table(table) + "\n\n" + verdict + "\n")
-    sio.atomic_write_text(workdir / "metric_validation.md", text)
-    sio.atomic_write_json(workdir / "metric_validation.json",
-                          {"rows": table, "u_beats_baselines": ok, "verdict": verdict})
+    if main:
+      sio.atomic_write_text(workdir / "metric_validation.md", text)
+      sio.atomic_write_json(workdir / "metric_validation.json",
+                            {"rows": table, "u_beats_baselines": ok, "verdict": verdict})
     summary.update(validation=table, u_beats_baselines=ok, verdict=verdict)
   summary["wall_time_s"] = time.perf_counter() - t0
-  sio.atomic_write_json(workdir / "scoring.json", summary)
+  summary["processes"] = jax.process_count()
+  if main:
+    sio.atomic_write_json(workdir / "scoring.json", summary)
+  parallel.sync("scoring: written")
   return summary
