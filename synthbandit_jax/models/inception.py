@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthbandit_jax.models import conv as conv_lib
+from synthbandit_jax.models import resample
 
 Dtype = Any
 
@@ -307,18 +308,17 @@ def resize_bilinear(x: jax.Array, size: int = INPUT_SIZE, method: str = "tf") ->
   ResizeBilinear with align_corners=False; fid-helper's "nv_bilinear"; NVlabs' FID).
   ``method="torch"``: ``(j + 0.5) * in / out - 0.5`` clamped at 0 (PyTorch's
   ``F.interpolate(mode="bilinear", align_corners=False)``; pytorch-fid). In both, a
-  neighbour past the last row/column is clamped to the edge. Computed as two matmuls
-  with HIGHEST precision, so fp32 results are exact up to float rounding.
+  neighbour past the last row/column is clamped to the edge. Computed in float32 as the
+  two taps of each output row and column (`synthbandit_jax.models.resample.apply_along`;
+  the same sums as multiplying by the [299, in] interpolation matrices, at 2 instead of
+  `in` multiply-adds per value).
   """
   x = x.astype(jnp.float32)
   _, h, w, _ = x.shape
-  hp = jax.lax.Precision.HIGHEST
   if h != size:
-    rh = jnp.asarray(_resize_matrix(h, size, method), jnp.float32)
-    x = jnp.einsum("oh,nhwc->nowc", rh, x, precision=hp)
+    x = resample.apply_along(x, _resize_matrix(h, size, method), axis=1)
   if w != size:
-    rw = jnp.asarray(_resize_matrix(w, size, method), jnp.float32)
-    x = jnp.einsum("pw,nowc->nopc", rw, x, precision=hp)
+    x = resample.apply_along(x, _resize_matrix(w, size, method), axis=2)
   return x
 
 

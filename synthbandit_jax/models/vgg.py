@@ -25,7 +25,7 @@ dropout is the identity).
 Adaptive average pooling follows torch's rule for any input size: output cell i of an axis of
 length ``n`` pooled to ``m`` averages input rows ``floor(i * n / m)`` to
 ``ceil((i + 1) * n / m) - 1`` (windows may overlap or, for n < m, repeat rows). It is computed
-as two small averaging matmuls, exact up to float rounding.
+as two small separable averaging steps (`resample.apply_along`), exact up to float rounding.
 
 Input pipeline (`preprocess`, run inside `VGG16.__call__` unless ``preprocessed=True``):
 
@@ -54,6 +54,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from synthbandit_jax.models import resample
 
 Dtype = Any
 
@@ -134,12 +136,12 @@ def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def _separable(x: jax.Array, mh: np.ndarray | None, mw: np.ndarray | None) -> jax.Array:
-  """Applies [out, in] matrices along H and W of NHWC `x` (HIGHEST precision)."""
-  hp = jax.lax.Precision.HIGHEST
+  """Applies [out, in] matrices along H and W of NHWC `x`, as the sparse taps of each row
+  (`synthbandit_jax.models.resample.apply_along`: the matmul's sums, without the zeros)."""
   if mh is not None:
-    x = jnp.einsum("oh,nhwc->nowc", jnp.asarray(mh, x.dtype), x, precision=hp)
+    x = resample.apply_along(x, mh, axis=1)
   if mw is not None:
-    x = jnp.einsum("pw,nowc->nopc", jnp.asarray(mw, x.dtype), x, precision=hp)
+    x = resample.apply_along(x, mw, axis=2)
   return x
 
 
