@@ -142,3 +142,29 @@ def test_prompt_names():
   c.attributes.prompt_names = "zero"
   with pytest.raises(ValueError, match=r"attributes.prompt_names has 1 names"):
     pipeline.prompt_names(c, ["0", "1"])
+
+
+_TWO_PROCESSES = """
+init()
+from synthbandit_jax import pipeline
+from tests.test_pipeline import Recorder, _config
+calls = []
+for lr in (0.1, 0.1, 0.2):  # run, rerun (all skipped), change only the training config
+  rec = Recorder()
+  c = _config()
+  c.optim.learning_rate = lr
+  pipeline.run_pipeline(c, {wd!r}, runners=rec.runners(), progress=False)
+  calls.append(rec.calls)
+emit(calls)
+"""
+
+
+def test_two_processes_share_one_pipeline(tmp_path):
+  """As on two hosts: the main-process stages run once (process 0), the sharded ones on
+  both, and both processes make the same skip / redo decisions from one stages.json."""
+  from tests import multihost  # pylint: disable=import-outside-toplevel
+  p0, p1 = multihost.run_processes(_TWO_PROCESSES.format(wd=str(tmp_path)), 2, 1, timeout=300)
+  assert p0 == [list(pipeline.STAGES), [], ["train", "report"]]
+  assert p1 == [["generate", "score", "train"], [], ["train"]]
+  state = json.loads((tmp_path / "stages.json").read_text())
+  assert all(state[s]["status"] == "done" for s in pipeline.STAGES)
