@@ -71,7 +71,6 @@ from scipy import special
 
 from synthbandit_jax import io as sio
 from synthbandit_jax import parallel
-from synthbandit_jax.data import controlled as controlled_lib
 from synthbandit_jax.data import pool as pool_lib
 from synthbandit_jax.data import real as real_lib
 from synthbandit_jax.metrics import baselines
@@ -240,42 +239,11 @@ def _restrict_classes(ds: real_lib.ImageDataset, keep: Sequence[str]) -> real_li
 
 def _pool_root(config, workdir: Path, splits: Mapping, class_names: Sequence[str],
                progress: bool) -> Path:
-  """The pool directory of `config` (building the controlled pool first), as
-  `training.inputs.prepare_inputs` resolves it (kept in step with it)."""
-  kind = config.pool.kind
-  if kind == "controlled":
-    holdout = splits["holdout"]
-    if len(holdout) == 0:
-      raise ValueError("pool.kind='controlled' builds the pool from held-out real training "
-                       "images, but data.holdout_fraction is 0: set it (e.g. 0.4)")
-    root = Path(config.pool.path) if config.pool.path else workdir / "pool"
-    csv = inputs_lib._csv  # pylint: disable=protected-access
-    error = None
-    if parallel.is_main_process():  # multi-host: process 0 builds it, the others wait
-      try:  # skips finished shards; refuses a pool built from other arguments
-        controlled_lib.build_controlled_pool(
-            holdout.images, holdout.labels, list(class_names), root,
-            seed=inputs_lib.split_seed(config), kinds=csv(config.pool.kinds),
-            severities=tuple(int(s) for s in csv(config.pool.severities)),
-            copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
-            progress=progress)
-      except ValueError as e:
-        error = e
-    parallel.sync("scoring: controlled pool built")
-    if error is not None:
-      if "other arguments" not in str(error):
-        raise error
-      raise ValueError(f"{error}. (Pick another --workdir / pool.path, or remove the pool to "
-                       "rebuild it.)") from error
-    return root
-  if kind == "dir":
-    if not config.pool.path:
-      raise ValueError("pool.kind='dir' needs pool.path (a directory with metadata.jsonl)")
-    root = Path(config.pool.path)
-    if not (root / pool_lib.METADATA_NAME).exists():
-      raise FileNotFoundError(f"pool.path={root}: no {pool_lib.METADATA_NAME} there")
-    return root
-  raise ValueError(f"config pool.kind must be 'controlled' or 'dir', got {kind!r}")
+  """The pool directory of `config` (building the controlled pool first), resolved as
+  `training.inputs.prepare_inputs` does."""
+  return inputs_lib.pool_root(
+      config, workdir, dict(splits), list(class_names), progress=progress,
+      rebuild_hint="Pick another --workdir / pool.path, or remove the pool to rebuild it.")
 
 
 def pool_spec(config, workdir: str | Path, train: real_lib.ImageDataset, splits: Mapping, *,

@@ -86,6 +86,55 @@ def real_splits(config) -> tuple[dict, list[dict]]:
   return splits, skipped
 
 
+def pool_root(config, workdir: str | Path, splits: dict, class_names: list[str], *,
+              progress: bool = True,
+              rebuild_hint: str = "With launch/train.py, --overwrite rebuilds the workdir's "
+                                  "pool; or pick another --workdir / pool.path.") -> Path:
+  """The pool directory of `config`: pool.path (kind "dir"), or the controlled pool, built
+  (or completed) from the held-out split first. With several processes, process 0 builds it
+  while the others wait. Errors name the config key; `rebuild_hint` ends the error for a
+  controlled pool made from other arguments."""
+  workdir = Path(workdir)
+  kind = config.pool.kind
+  if kind == "controlled":
+    holdout = splits["holdout"]
+    if len(holdout) == 0:
+      raise ValueError("pool.kind='controlled' builds the pool from held-out real training "
+                       "images, but data.holdout_fraction is 0: set it (e.g. 0.4)")
+    root = Path(config.pool.path) if config.pool.path else workdir / "pool"
+    # Always called: it skips finished shards, and refuses a pool built from other
+    # arguments (e.g. another seed, whose holdout may overlap this seed's val/test).
+    logging.info("controlled pool in %s from %d held-out images", root, len(holdout))
+    error = None
+    if parallel.is_main_process():
+      try:
+        controlled_lib.build_controlled_pool(
+            holdout.images, holdout.labels, list(class_names), root, seed=split_seed(config),
+            kinds=_csv(config.pool.kinds),
+            severities=tuple(int(s) for s in _csv(config.pool.severities)),
+            copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
+            progress=progress)
+      except ValueError as e:
+        error = e
+    parallel.sync("controlled pool built")
+    if error is not None:
+      if "other arguments" not in str(error):
+        raise error
+      raise ValueError(f"{error}. ({rebuild_hint})") from error
+    if not (root / pool_lib.METADATA_NAME).exists():
+      raise FileNotFoundError(f"{root}: process 0 failed to build the controlled pool (see "
+                              "its log)")
+    return root
+  if kind == "dir":
+    if not config.pool.path:
+      raise ValueError("pool.kind='dir' needs pool.path (a directory with metadata.jsonl)")
+    root = Path(config.pool.path)
+    if not (root / pool_lib.METADATA_NAME).exists():
+      raise FileNotFoundError(f"pool.path={root}: no {pool_lib.METADATA_NAME} there")
+    return root
+  raise ValueError(f"config pool.kind must be 'controlled' or 'dir', got {kind!r}")
+
+
 def prepare_inputs(config, workdir: str | Path, progress: bool = True,
                    load_scores: bool = True) -> Inputs:
   """Loads and splits the real data and builds/reads the synthetic pool for `config`.
@@ -101,45 +150,7 @@ def prepare_inputs(config, workdir: str | Path, progress: bool = True,
   train, val, test = splits["train"], splits["val"], splits["test"]
   class_names = list(train.class_names)
 
-  kind = config.pool.kind
-  if kind == "controlled":
-    holdout = splits["holdout"]
-    if len(holdout) == 0:
-      raise ValueError("pool.kind='controlled' builds the pool from held-out real training "
-                       "images, but data.holdout_fraction is 0: set it (e.g. 0.4)")
-    root = Path(config.pool.path) if config.pool.path else workdir / "pool"
-    # Always called: it skips finished shards, and refuses a pool built from other
-    # arguments (e.g. another seed, whose holdout may overlap this seed's val/test).
-    logging.info("controlled pool in %s from %d held-out images", root, len(holdout))
-    # With several processes, process 0 builds it and the others wait, then all read it.
-    error = None
-    if parallel.is_main_process():
-      try:
-        controlled_lib.build_controlled_pool(
-            holdout.images, holdout.labels, class_names, root, seed=split_seed(config),
-            kinds=_csv(config.pool.kinds),
-            severities=tuple(int(s) for s in _csv(config.pool.severities)),
-            copies_per_image=int(config.pool.copies_per_image), source_ids=holdout.ids,
-            progress=progress)
-      except ValueError as e:
-        error = e
-    parallel.sync("controlled pool built")
-    if error is not None:
-      if "other arguments" not in str(error):
-        raise error
-      raise ValueError(f"{error}. (With launch/train.py, --overwrite rebuilds the workdir's "
-                       f"pool; or pick another --workdir / pool.path.)") from error
-    if not (root / pool_lib.METADATA_NAME).exists():
-      raise FileNotFoundError(f"{root}: process 0 failed to build the controlled pool (see "
-                              "its log)")
-  elif kind == "dir":
-    if not config.pool.path:
-      raise ValueError("pool.kind='dir' needs pool.path (a directory with metadata.jsonl)")
-    root = Path(config.pool.path)
-    if not (root / pool_lib.METADATA_NAME).exists():
-      raise FileNotFoundError(f"pool.path={root}: no {pool_lib.METADATA_NAME} there")
-  else:
-    raise ValueError(f"config pool.kind must be 'controlled' or 'dir', got {kind!r}")
+  root = pool_root(config, workdir, splits, class_names, progress=progress)
 
   image_size = train.images.shape[1:3]
   unknown = config.pool.unknown_classes
