@@ -20,6 +20,9 @@ DN = ("NHWC", "HWIO", "NHWC")
     ((1, 2), ((1, 0), (0, 2)), (1, 1), 2),
     ((1, 1), ((2, 0), (0, 1)), (1, 1), 3),
     ((1, 1), ((0, 0), (1, 1)), (2, 1), 2),
+    ((1, 1), ((0, 0), (0, 0)), (1, 1), 3),   # VALID 3x3: computed size-keeping, cropped
+    ((1, 1), ((1, 0), (0, 0)), (1, 1), 3),
+    ((1, 1), "VALID", (1, 1), 5),
 ])
 def test_matches_lax(strides, padding, dilation, k):
   rng = np.random.default_rng(0)

@@ -17,6 +17,10 @@ and the kernel gradient as one matmul over shifted (strided-slice) views of the 
 
 which XLA:CPU runs at full speed inside loops. Elsewhere (GPU, TPU, other layouts) it is
 `lax.conv_general_dilated` itself. Gradients agree with lax's to float rounding (tested).
+
+Also on CPU, a stride-1 convolution whose padding shrinks the map ("VALID" 3x3) runs as the
+size-keeping convolution cropped to the same result (`_forward`), which XLA:CPU runs ~2.3x
+faster.
 """
 from __future__ import annotations
 
@@ -51,10 +55,33 @@ def _norm_padding(padding: Any) -> Any:
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+def _forward(x, w, strides, padding, rhs_dilation, precision):
+  """The forward convolution. A stride-1 convolution whose padding shrinks the map (e.g.
+  "VALID" 3x3, as in Inception-V3's stem) is computed with the size-keeping padding and
+  then cropped: XLA:CPU runs such convolutions ~2.3x slower than size-keeping ones
+  (measured: 3x3 80->192 channels at 73x73, batch 8, one core: 1.54 s vs 0.65 s including
+  the 6% extra border outputs), the result is the same."""
+  if any(s != 1 for s in strides):
+    return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=rhs_dilation,
+                                    dimension_numbers=_NHWC, precision=precision)
+  padding = _explicit_padding(padding, x.shape[1:3], w.shape[:2], strides, rhs_dilation)
+  eff = [(k - 1) * d + 1 for k, d in zip(w.shape[:2], rhs_dilation)]
+  grow = [e - 1 - lo - hi for e, (lo, hi) in zip(eff, padding)]
+  if all(g == 0 for g in grow) or any(g < 0 for g in grow):
+    return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=rhs_dilation,
+                                    dimension_numbers=_NHWC, precision=precision)
+  wide = tuple((lo + g // 2, hi + g - g // 2) for g, (lo, hi) in zip(grow, padding))
+  y = lax.conv_general_dilated(x, w, strides, wide, rhs_dilation=rhs_dilation,
+                               dimension_numbers=_NHWC, precision=precision)
+  out = [n + lo + hi - e + 1 for n, e, (lo, hi) in zip(x.shape[1:3], eff, padding)]
+  start = [g // 2 for g in grow]
+  return lax.slice(y, (0, start[0], start[1], 0),
+                   (y.shape[0], start[0] + out[0], start[1] + out[1], y.shape[3]))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, padding, rhs_dilation, precision):
-  return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=rhs_dilation,
-                                  dimension_numbers=_NHWC, precision=precision)
+  return _forward(x, w, strides, padding, rhs_dilation, precision)
 
 
 def _conv_fwd(x, w, strides, padding, rhs_dilation, precision):
