@@ -92,6 +92,9 @@ checkpoint.keep           checkpoints kept per mode
 parallel.num_devices      training mesh: 0 = all devices (of all processes in a multi-host run,
                           where it must stay 0); generation and scoring use each process's
                           local devices
+parallel.model_axis       training: devices on a `model` mesh axis (1 = pure data parallel);
+                          > 1 splits each large parameter / optimizer leaf over that many
+                          devices of one host (parallel.state_shardings)
 debug.crash_after_epoch   testing aid: hard-exit right after saving this epoch (-1 = off)
 """
 from __future__ import annotations
@@ -228,6 +231,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.num_devices = 0
+  c.parallel.model_axis = 1
 
   c.debug = ml_collections.ConfigDict()
   c.debug.crash_after_epoch = -1

@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from synthbandit_jax import parallel
+
 
 class Checkpointer:
   """Saves/restores `(state, history)` per epoch under `directory`, keeping the last `keep`."""
@@ -31,7 +33,9 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, epoch: int, state: Any, history: dict) -> None:
-    state_dict = serialization.to_state_dict(jax.device_get(state))
+    # Whole numpy values on every process (shards held by other hosts are gathered); orbax
+    # then writes them once, from the primary process.
+    state_dict = serialization.to_state_dict(parallel.to_host(state))
     self._manager.save(
         epoch,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state_dict),
@@ -43,7 +47,7 @@ class Checkpointer:
     epoch = self.latest_epoch() if epoch is None else epoch
     if epoch is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    target = serialization.to_state_dict(jax.device_get(template))
+    target = serialization.to_state_dict(parallel.to_host(template))
     restored = self._manager.restore(
         epoch,
         args=ocp.args.Composite(state=ocp.args.StandardRestore(target),

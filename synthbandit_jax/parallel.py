@@ -15,7 +15,11 @@ Two kinds of mesh:
 * `make_global_mesh`: every device of every process (the training mesh). Arrays on it are
   global: replicated ones come from `replicate` (every host holds the same host value) and
   batches from `global_batch` (each host supplies only the rows of its own devices, via
-  `jax.make_array_from_process_local_data`).
+  `jax.make_array_from_process_local_data`). With `model_axis > 1` it is 2-D,
+  (`data`, `model`): batches split over `data`, and `state_shardings` splits each large
+  parameter / optimizer leaf along its largest divisible dimension over `model` (the SPMD
+  partitioner inserts the gathers), so a model `model_axis` times larger than one device's
+  memory trains; the devices of one `model` row are consecutive, i.e. on one host.
 
 Multi-process runs start with `initialize_distributed` (JAX's own runtime: explicit flags,
 the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment, or JAX's
@@ -36,6 +40,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
+# Leaves smaller than this stay replicated on a model axis (sharding them saves nothing).
+MIN_SHARDED_SIZE = 2 ** 14
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -64,24 +71,87 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def make_global_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D `data` mesh over every device of every process (the training mesh).
+def make_global_mesh(num_devices: int = 0, model_axis: int = 1) -> Mesh:
+  """The training mesh over every device of every process: 1-D (`data`), or with
+  `model_axis` > 1 2-D (`data`, `model`) with `model_axis` devices on the model axis.
 
-  `num_devices` = 0 takes them all. With one process this is `make_mesh(num_devices)`; with
-  several, a subset would leave some hosts without devices, so only 0 (or the total) is
-  accepted.
+  `num_devices` = 0 takes them all. With one process a subset of the local devices may be
+  chosen; with several, a subset would leave some hosts without devices, so only 0 (or the
+  total) is accepted.
   """
   if jax.process_count() == 1:
-    return make_mesh(num_devices)
-  total = jax.device_count()
-  if num_devices not in (0, total):
-    raise ValueError(
-        f"config parallel.num_devices={num_devices}: with {jax.process_count()} processes "
-        f"the training mesh spans all {total} devices; set it to 0 (or limit the devices of "
-        f"each process with --local_device_ids / JAX_LOCAL_DEVICE_IDS)")
-  # jax.devices() lists the devices grouped by process, so each process owns one
-  # contiguous block of the data axis (what `global_batch` relies on; checked there).
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+    devices = make_mesh(num_devices).devices.ravel()
+  else:
+    total = jax.device_count()
+    if num_devices not in (0, total):
+      raise ValueError(
+          f"config parallel.num_devices={num_devices}: with {jax.process_count()} processes "
+          f"the training mesh spans all {total} devices; set it to 0 (or limit the devices "
+          f"of each process with --local_device_ids / JAX_LOCAL_DEVICE_IDS)")
+    # jax.devices() lists the devices grouped by process, so each process owns one
+    # contiguous block of the data axis (what `global_batch` relies on; checked there).
+    devices = np.asarray(jax.devices())
+  if model_axis < 1 or len(devices) % model_axis:
+    raise ValueError(f"config parallel.model_axis={model_axis} must be >= 1 and divide the "
+                     f"number of devices ({len(devices)})")
+  if model_axis == 1:
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+  local = jax.local_device_count()
+  if jax.process_count() > 1 and local % model_axis:
+    raise ValueError(f"config parallel.model_axis={model_axis} must divide the devices of "
+                     f"each process ({local}): a model row stays on one host")
+  return Mesh(np.asarray(devices).reshape(-1, model_axis), (DATA_AXIS, MODEL_AXIS))
+
+
+def data_size(mesh: Mesh) -> int:
+  """How many ways a batch is split (the size of the `data` axis)."""
+  return int(mesh.shape[DATA_AXIS])
+
+
+def leaf_spec(shape: Sequence[int], mesh: Mesh) -> P:
+  """The partition of one state leaf: its largest dimension divisible by the model axis
+  goes over `model` (when the leaf has >= 2 dims and >= MIN_SHARDED_SIZE elements);
+  everything else, and everything on a mesh without a model axis, is replicated."""
+  if MODEL_AXIS not in mesh.axis_names or len(shape) < 2:
+    return P()
+  m = int(mesh.shape[MODEL_AXIS])
+  if int(np.prod(shape)) < MIN_SHARDED_SIZE:
+    return P()
+  dims = [d for d in np.argsort(shape, kind="stable")[::-1] if shape[d] % m == 0]
+  if not dims:
+    return P()
+  spec = [None] * len(shape)
+  spec[int(dims[0])] = MODEL_AXIS
+  return P(*spec)
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a pytree of arrays (params, optimizer state, a whole TrainState):
+  `leaf_spec` per leaf, decided by shape alone, so a parameter and its optimizer moments
+  are split the same way."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), mesh)), tree)
+
+
+def place_state(tree: Any, mesh: Mesh) -> Any:
+  """Host values (the same on every process) -> global arrays with `state_shardings`."""
+  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if _addressable(x)
+                      else to_host(x), tree)
+  return jax.device_put(host, state_shardings(host, mesh))
+
+
+def _addressable(x: Any) -> bool:
+  return not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated
+
+
+def to_host(tree: Any) -> Any:
+  """Numpy copies of a pytree of (possibly global, sharded) arrays, whole on every process
+  (shards on other hosts are gathered)."""
+  def one(x):
+    if _addressable(x):
+      return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return jax.tree.map(one, tree)
 
 
 def mesh_size(mesh: Mesh) -> int:
@@ -89,12 +159,13 @@ def mesh_size(mesh: Mesh) -> int:
 
 
 def check_divisible(batch_size: int, mesh: Mesh, key: str) -> None:
-  """Raises a clear error when a batch size does not split over the mesh."""
-  n = mesh_size(mesh)
+  """Raises a clear error when a batch size does not split over the mesh's data axis."""
+  n = data_size(mesh)
   if batch_size % n:
     raise ValueError(
-        f"config {key}={batch_size} must be a multiple of the number of devices ({n}); "
-        f"set {key} to {max(n, batch_size // n * n)} or parallel.num_devices to a divisor.")
+        f"config {key}={batch_size} must be a multiple of the data-parallel device count "
+        f"({n}); set {key} to {max(n, batch_size // n * n)} or parallel.num_devices to a "
+        f"divisor.")
 
 
 # --------------------------------------------------------------------------- multi-host

@@ -219,3 +219,62 @@ def test_eight_devices_match_one(model):
   p1, p8 = np.asarray(one["params"]), np.asarray(eight["params"])
   assert np.linalg.norm(p8 - p1) / np.linalg.norm(p1) < 1e-4
   assert "'data': 8" in eight["sharding"], eight["sharding"]  # really ran on the 8-device mesh
+
+
+_MODEL_AXIS = textwrap.dedent("""
+    import sys, json
+    sys.path.insert(0, {root!r})
+    import jax, numpy as np
+    from synthbandit_jax import parallel
+    from tests import test_epoch as T
+    from synthbandit_jax.training import epoch as E
+    parallel.MIN_SHARDED_SIZE = 64  # the test model is tiny: split every leaf that can be
+    out = {{}}
+    for model_axis in (1, 2):
+      mesh = parallel.make_global_mesh(0, model_axis=model_axis)
+      s = T._setup(batch_size=16, mesh=mesh)
+      st = parallel.place_state(s["state"], mesh)
+      shardings = parallel.state_shardings(st, mesh)
+      spec = E.EpochSpec(**{{**s["spec"].__dict__, "state_sharding": shardings}})
+      repl = parallel.replicated(mesh)
+      bank, arms, val = jax.device_put((s["bank"], s["arm_arrays"], s["val"]), repl)
+      fn = E.make_epoch_fn(spec)
+      stream = E.HostStreamingEpoch(spec)
+      accs, arms_played = [], []
+      for k in range(4):
+        if k < 2:
+          st, m = fn(st, bank, arms, val)
+        else:  # the host-streaming path on the same mesh and state
+          st, m = stream(st, s["images"], s["labels"], arms, *s["val_np"], 16)
+        accs.append(float(m["val_accuracy"])); arms_played.append(int(m["arm"]))
+      specs = sorted({{str(x.sharding.spec) for x in jax.tree.leaves(st.params)}})
+      same = all(a.sharding == b for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(shardings)))
+      params = np.concatenate([np.asarray(l).ravel() for l in jax.tree.leaves(st.params)])
+      out[model_axis] = dict(accs=accs, arms=arms_played, specs=specs, same=same,
+                             traces=fn.trace_counter.count, params=params.tolist())
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_model_axis_matches_pure_data_parallel():
+  """On 8 devices as (8) and (4 data x 2 model): the state split over the model
+  axis trains to the same result (up to float reassociation), keeps its shardings from
+  epoch to epoch (no retrace), on both input paths."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _MODEL_AXIS.format(root=str(ROOT))],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
+  out = json.loads(line[len("RESULT"):])
+  base = out["1"]
+  assert base["specs"] == ["P()"]  # nothing split without a model axis
+  for m in ("2",):
+    o = out[m]
+    assert any("'model'" in sp for sp in o["specs"]), o["specs"]  # really split
+    assert o["same"] and o["traces"] == 1
+    assert o["arms"] == base["arms"]
+    np.testing.assert_allclose(o["accs"], base["accs"], atol=1e-6)
+    p, q = np.asarray(base["params"]), np.asarray(o["params"])
+    assert np.linalg.norm(q - p) / np.linalg.norm(p) < 1e-4

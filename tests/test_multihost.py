@@ -2,9 +2,9 @@
 
 The training run goes through the real launcher (`launch.train` with the distributed flags)
 on a global mesh of 2 processes x 2 devices, crashes after epoch 1 on both processes and
-resumes from the shared orbax checkpoint (switching to the host-streaming input path on the
-resume, so both input paths run multi-process); its results must equal one process with 4
-devices. The helpers (gather, the bandit-state check, the shared-workdir check, slicing)
+resumes from the shared orbax checkpoint (switching to the host-streaming input path and a
+model axis on the resume, so both input paths and split parameters run multi-process); its
+results must equal one process with 4 devices. The helpers (gather, the bandit-state check, the shared-workdir check, slicing)
 are checked on their own. Scoring and generation have their own two-process tests in
 test_score_stage.py and test_generate_stage.py.
 """
@@ -60,12 +60,15 @@ def test_two_process_training_resumes_and_matches_one_process(tmp_path):
                             2, 2, timeout=400)
   assert all(rc != 0 for rc, _, _ in crashed), [rc for rc, _, _ in crashed]
   assert not (wd / "bandit" / "results.json").exists()
-  # Resume on both (host-streaming input path this time: data.on_device is not part of a
-  # run's identity, so the checkpoint is reused).
-  multihost.run_processes(_TRAIN.format(wd=wd, extra=["--config.data.on_device=False"]), 2, 2,
-                          timeout=400)
+  # Resume on both with the host-streaming input path and a (data 2 x model 2) mesh, the
+  # large leaves split over each host's two devices (neither setting is part of a run's
+  # identity, so the checkpoint is reused; saving it gathers the split leaves).
+  multihost.run_processes(_TRAIN.format(wd=wd, extra=["--config.data.on_device=False",
+                                                      "--config.parallel.model_axis=2"]),
+                          2, 2, timeout=400)
   two = json.loads((wd / "bandit" / "results.json").read_text())
   assert two["num_processes"] == 2 and two["num_devices"] == 4
+  assert two["mesh"] == {"data": 2, "model": 2}
   assert one["num_processes"] == 1 and one["num_devices"] == 4
   a, b = _summary(one), _summary(two)
   # Same global mesh size; the cross-process all-reduce may sum in another order, so losses

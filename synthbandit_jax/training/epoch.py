@@ -236,6 +236,16 @@ class EpochSpec:
   # > 0: the first `warmup_epochs` epochs train on the LAST arm row (not a bandit arm: the
   # bandit is initialised with one arm fewer) and do not update the bandit.
   warmup_epochs: int = 0
+  # Shardings of the TrainState (`parallel.state_shardings`); when given, every jitted
+  # function returns the state with exactly these, so the next call never retraces.
+  state_sharding: Any = None
+
+  def out_shardings(self, *rest: int):
+    """jit out_shardings: the state's, then replicated for `len(rest)` other outputs."""
+    if self.state_sharding is None:
+      return None
+    repl = parallel.replicated(self.mesh)
+    return (self.state_sharding,) + (repl,) * len(rest)
 
 
 def _epoch_metrics(arm, reward, val_accuracy, loss_sum, correct, count, n_images, n_steps):
@@ -299,7 +309,9 @@ def make_epoch_fn(spec: EpochSpec, donate: bool = True):
   """
   counter = TraceCounter(lambda state, bank, arms, val: epoch_body(spec, state, bank, arms,
                                                                     val))
-  fn = jax.jit(counter, donate_argnums=(0,) if donate else ())
+  pinned = spec.out_shardings(1)
+  fn = jax.jit(counter, donate_argnums=(0,) if donate else (),
+               **({"out_shardings": pinned} if pinned else {}))
   fn.trace_counter = counter  # type: ignore[attr-defined]
   return fn
 
@@ -322,14 +334,17 @@ class HostStreamingEpoch:
   def __init__(self, spec: EpochSpec, prefetch: int = 2):
     self.spec = spec
     self.prefetch = prefetch
+    pin = lambda *rest: ({"out_shardings": spec.out_shardings(*rest)}  # pylint: disable=unnecessary-lambda-assignment
+                         if spec.state_sharding is not None else {})
     self._plan = jax.jit(lambda st, arms: plan_epoch(spec.bandit, st, arms, spec.batch_size,
-                                                     spec.warmup_epochs))
+                                                     spec.warmup_epochs), **pin(1, 2, 3, 4, 5))
     self._step = jax.jit(lambda st, x, y, m: train_step(spec.model, spec.tx, st, x, y, m,
-                                                        spec.mesh), donate_argnums=(0,))
+                                                        spec.mesh), donate_argnums=(0,),
+                         **pin(1))
     self._eval = jax.jit(lambda p, bs, x, y, m: eval_batch(spec.model, p, bs, x, y, m,
                                                            spec.mesh))
     self._finish = jax.jit(lambda st, arm, acc, n: finish_epoch(
-        spec.bandit, spec.reward_fn, st, arm, acc, n, spec.warmup_epochs))
+        spec.bandit, spec.reward_fn, st, arm, acc, n, spec.warmup_epochs), **pin(1))
 
   def _put(self, make_batch, i: int, size: int):
     """Batch i on the devices; `make_batch(i, rows)` gives the host rows `rows` of it."""

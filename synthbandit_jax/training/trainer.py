@@ -201,7 +201,8 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   if reward_fn is None:
     reward_fn = bandits_lib.reward_fn(config.bandit.reward, float(config.bandit.reward_scale))
 
-  mesh = parallel.make_global_mesh(int(config.parallel.num_devices))
+  mesh = parallel.make_global_mesh(int(config.parallel.num_devices),
+                                  int(config.parallel.get("model_axis", 1)))
   batch_size = int(config.train.batch_size)
   eval_batch_size = int(config.train.eval_batch_size)
   parallel.check_divisible(batch_size, mesh, "train.batch_size")
@@ -224,9 +225,11 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   tx = optim_lib.make_optimizer(
       config.optim, probe["params"], steps_per_epoch * epochs,
       trainable="head" if config.model.frozen_backbone else "all")
-  # Host values first: with several processes the state must become a global array.
-  state = parallel.replicate(
+  # Host values first: with several processes the state must become a global array
+  # (replicated, or split over a model axis: parallel.state_shardings).
+  state = parallel.place_state(
       epoch_lib.create_train_state(model, tx, bandit, num_bandit_arms, rng, input_shape), mesh)
+  state_sharding = parallel.state_shardings(state, mesh)
 
   repl = parallel.replicated(mesh)
   val_set = jax.device_put(epoch_lib.make_eval_set(inputs.val.images, inputs.val.labels,
@@ -235,7 +238,8 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
                                                     eval_batch_size), repl)
   arm_arrays = jax.device_put(epoch_lib.ArmArrays(arms.indices, arms.mask), repl)
   eval_fn = epoch_lib.make_eval_fn(model, mesh)
-  spec = epoch_lib.EpochSpec(model, tx, bandit, reward_fn, batch_size, mesh, warmup)
+  spec = epoch_lib.EpochSpec(model, tx, bandit, reward_fn, batch_size, mesh, warmup,
+                             state_sharding=state_sharding)
 
   on_device = bool(config.data.on_device)
   if on_device:
@@ -254,7 +258,7 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
     logging.info("mode %s: resuming from epoch %d in %s", mode, int(state.epoch), run_dir)
   else:
     state = state.replace(prev_val_accuracy=eval_fn(state.params, state.batch_stats, val_set))
-  state = parallel.replicate(state, mesh)
+  state = parallel.place_state(state, mesh)
 
   start = int(state.epoch)
   bar = tqdm(total=epochs, initial=start, desc=f"{mode:>12}", unit="epoch",
@@ -318,6 +322,7 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
       "images_seen": int(state.images_seen),
       "wall_time_s": float(sum(r["wall_time_s"] for r in history["epochs"])),
       "num_devices": parallel.mesh_size(mesh),
+      "mesh": dict(mesh.shape),
       "num_processes": jax.process_count(),
       "data": inputs_lib.describe(inputs),
       "skipped_files": inputs.skipped,
