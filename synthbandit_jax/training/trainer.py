@@ -358,6 +358,8 @@ def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = 
   dirs = [mode_dirname(m) for m in modes]
   if len(set(dirs)) != len(dirs):
     raise ValueError(f"config train.modes has duplicates: {modes}")
+  # Multi-host: every process must see one workdir before deciding anything from its files.
+  parallel.check_shared_directory(workdir)
   top = workdir / "results.json"
   fp, _ = fingerprint(config)
   if top.exists() and not overwrite:
@@ -365,11 +367,11 @@ def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = 
     if (done.get("fingerprint") == fp and done.get("modes") == modes and
         all(r.get("epochs_completed", 0) >= int(config.train.epochs)
             for r in done.get("runs", {}).values())):
-      print(f"{workdir} holds a finished run (results.json, report.md); nothing to do. "
-            f"Pass --overwrite to run it again or choose another --workdir.")
+      if parallel.is_main_process():
+        print(f"{workdir} holds a finished run (results.json, report.md); nothing to do. "
+              f"Pass --overwrite to run it again or choose another --workdir.")
       return done
   main = parallel.is_main_process()
-  parallel.check_shared_directory(workdir)
   if overwrite and main:
     for d in dirs:
       shutil.rmtree(workdir / d, ignore_errors=True)
