@@ -51,13 +51,16 @@ phase, through the step function with lr = 0.
 
 Defaults (MNIST-5k's 3,000-image demo train split, 2 CPU cores): VAE 250 steps x 32 images
 at lr 2e-3, then UNet + text encoder 2,200 steps x 16 images at lr 4e-3. Many small steps
-beat fewer large ones at a similar cost: the earlier 800 x 64 at lr 2e-3 made digits of
-which only about half were recognised as their class. Measured with configs/demo.py's
-sampling (DPM-Solver++ 2M, 20 steps, empty negative prompt) on 200 generated digits (20 per
-class, the demo's prompts): an RBF SVM on the real train split's pixels (0.942 on the real
-test split) assigns 98.5% of them to the prompted class at guidance 3 and 100% at guidance 5.
+beat fewer large ones, and see fewer images (35,200 against 51,200). Measured with
+configs/demo.py's sampling (DPM-Solver++ 2M, 20 steps, empty negative prompt) on 200
+generated digits (20 per class, the demo's prompts): an RBF SVM on the real train split's
+pixels (0.942 on the real test split) assigns 98.5% of them to the prompted class at
+guidance 3 and 100% at guidance 5 (999 of the demo's 1,000-image pool at guidance 5); the
+earlier defaults, UNet 800 steps x 64 at lr 2e-3, gave 86% and 93% (their 9s, 8s and 5s
+were the ones taken for other digits).
 Budget: 327 s in an earlier run on a lightly loaded machine; 1,298 s (VAE 408 s, UNet 865 s)
-in a `make demo` run whose 2 cores were shared with other jobs (load average 3.5-9).
+in a `make demo` run whose 2 cores were shared with other jobs (load average 3.5-9); the
+earlier defaults' UNet phase took 1,349 s on the same busy machine (load 3-7).
 
 Files:
 
