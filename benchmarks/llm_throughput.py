@@ -34,9 +34,9 @@ torch so that load from other processes hits both alike. Reported per side:
 
 The prefill seconds are measured by a separate prefill-only call that does what each
 `generate` does before its first decode step: ours runs the model over the padded prompt
-into a fresh cache of length T + N (logits at every position, as `generate` does); torch
-runs `model(ids, attention_mask, position_ids, use_cache=True, logits_to_keep=1)` (what
-`generate` passes on its first step). Decode = total - prefill is therefore an estimate.
+into a fresh cache of length T + N (logits only at each row's last real token, as
+`generate` does); torch runs `model(ids, attention_mask, position_ids, use_cache=True,
+logits_to_keep=1)` (what `generate` passes on its first step). Decode = total - prefill is therefore an estimate.
 
 Agreement: for every row, the number of leading generated tokens on which both sides agree
 (float32 on both sides, but different kernels, so long continuations may drift apart on
@@ -227,17 +227,16 @@ def _torch_llama(torch, transformers, config: llama.LlamaConfig, params: dict, d
       bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
   model = transformers.LlamaForCausalLM(hc).float().eval()
   t = lambda a: torch.from_numpy(np.array(a, np.float32))  # a writable copy
-  lay = params["layers"]
   sd = {"model.embed_tokens.weight": t(params["embed"]["embedding"]),
         "model.norm.weight": t(params["norm"]["scale"])}
   for i in range(config.num_layers):
-    p = f"model.layers.{i}."
-    sd[p + "input_layernorm.weight"] = t(lay["input_norm"]["scale"][i])
-    sd[p + "post_attention_layernorm.weight"] = t(lay["post_attention_norm"]["scale"][i])
+    p, w = f"model.layers.{i}.", llama.layer_weights(params, config, i)
+    sd[p + "input_layernorm.weight"] = t(w["input_layernorm"])
+    sd[p + "post_attention_layernorm.weight"] = t(w["post_attention_layernorm"])
     for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      sd[p + f"self_attn.{k}.weight"] = t(lay["attn"][k]["kernel"][i].T)
+      sd[p + f"self_attn.{k}.weight"] = t(w[k].T)
     for k in ("gate_proj", "up_proj", "down_proj"):
-      sd[p + f"mlp.{k}.weight"] = t(lay["mlp"][k]["kernel"][i].T)
+      sd[p + f"mlp.{k}.weight"] = t(w[k].T)
   if not config.tie_word_embeddings:
     sd["lm_head.weight"] = t(params["lm_head"]["kernel"].T)
   missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -268,15 +267,16 @@ def _torch_llama(torch, transformers, config: llama.LlamaConfig, params: dict, d
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_len"))
 def _our_prefill(params, config: llama.LlamaConfig, tokens, mask, cache_len: int):
-  """What `llama.generate` does before its first decode step (prompt into a fresh cache)."""
+  """What `llama.generate` does before its first decode step (prompt into a fresh cache,
+  logits only at each row's last real token)."""
   b, t = tokens.shape
   mask = mask.astype(bool)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   cache = llama.init_cache(config, b, cache_len)
-  logits, cache = llama.Llama(config).apply({"params": params}, tokens, positions, mask, cache)
   last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-  first = jnp.argmax(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], axis=-1)
-  return first, cache
+  logits, cache = llama.Llama(config).apply({"params": params}, tokens, positions, mask, cache,
+                                            logits_at=last)
+  return jnp.argmax(logits[:, 0], axis=-1), cache
 
 
 class _OursRunner:

@@ -101,9 +101,9 @@ def test_bf16_safetensors_and_errors(tmp_path):
   d = tmp_path / "bf16"
   model.to(torch.bfloat16).save_pretrained(d)
   model.float()
-  _, params = li.load_hf_dir(d)
+  cfg, params = li.load_hf_dir(d)
   ref = model.model.layers[1].mlp.up_proj.weight.detach().to(torch.bfloat16).float().numpy()
-  np.testing.assert_array_equal(params["layers"]["mlp"]["up_proj"]["kernel"][1], ref.T)
+  np.testing.assert_array_equal(llama.layer_weights(params, cfg, 1)["up_proj"], ref.T)
   # Truncated safetensors -> error naming the file.
   st = d / "model.safetensors"
   st.write_bytes(st.read_bytes()[:-100])
@@ -239,7 +239,7 @@ def test_smollm2_gguf_greedy_matches_transformers():
   model = LlamaForCausalLM(HFConfig(**hf_cfg)).float().eval()
   sd = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
   for name in ("q_proj", "k_proj"):
-    np.testing.assert_array_equal(params["layers"]["attn"][name]["kernel"][7],
+    np.testing.assert_array_equal(llama.layer_weights(params, config, 7)[name],
                                   sd[f"model.layers.7.self_attn.{name}.weight"].numpy().T)
   model.load_state_dict(sd, strict=False)
   model.lm_head.weight = model.model.embed_tokens.weight
@@ -269,3 +269,26 @@ def test_smollm2_gguf_greedy_matches_transformers():
   for i in range(len(ids)):
     ours = np.asarray(out["tokens"][i, :int(out["lengths"][i])]).tolist()
     assert len(ref[i]) == n and ours == ref[i], (tok.decode(ours), tok.decode(ref[i]))
+
+
+def test_attention_einsum_path_equals_dot_product_attention():
+  """The CPU einsum path (cache layout [B, Hkv, S, Dh]) == jax.nn.dot_product_attention
+  (the path taken with attention_impl set, e.g. "cudnn" on GPU), GQA and a padded mask."""
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.normal(size=(2, 3, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 2, 7, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 2, 7, 8)), jnp.float32)
+  mask = rng.random((2, 3, 7)) < 0.6
+  mask[:, :, 0] = True
+  a = llama.attention(q, k, v, jnp.asarray(mask), 8 ** -0.5)
+  b = llama.attention(q, k, v, jnp.asarray(mask), 8 ** -0.5, implementation="xla")
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_params_layout_one_dict_per_layer():
+  params = _random_params(_CFG)
+  assert sorted(k for k in params if k.startswith("layers_")) == ["layers_0", "layers_1"]
+  shapes = li.expected_shapes(_CFG)
+  assert jax.tree.map(lambda x: tuple(x.shape), params) == shapes
+  cache = llama.init_cache(_CFG, 3, 16)
+  assert len(cache["k"]) == _CFG.num_layers and cache["k"][0].shape == (3, 2, 16, 8)

@@ -7,26 +7,37 @@ Rotary embeddings use the HF "rotate_half" layout: the first and second halves o
 dimension form the (x, y) pairs, ``inv_freq[i] = theta ** (-2i / head_dim)``.
 
 Params are float32; ``dtype`` sets the compute dtype (bfloat16 on accelerators). Norms,
-softmax statistics and logits are float32. Layers are stacked with ``nn.scan``, so every
-per-layer leaf has a leading ``num_layers`` axis:
+softmax statistics and logits are float32. The layers are an unrolled Python loop (not
+``nn.scan``): each layer's weights and KV cache are separate buffers, so a decode step inside
+``generate``'s while loop reads them in place. (A scanned stack makes XLA copy every layer's
+weight slice and the whole stacked cache on every step: 1.5x slower decoding on CPU.)
+Q/K/V and gate/up are fused into one matmul each (one weight read, one GEMM call):
 
     params = {"embed": {"embedding": [V, D]},
-              "layers": {"input_norm": {"scale": [L, D]},
-                         "attn": {"q_proj" | "k_proj" | "v_proj" | "o_proj": {"kernel": [L, in, out]}},
-                         "post_attention_norm": {"scale": [L, D]},
-                         "mlp": {"gate_proj" | "up_proj" | "down_proj": {"kernel": [L, in, out]}}},
+              "layers_0" ... "layers_{L-1}": {
+                  "input_norm": {"scale": [D]},
+                  "attn": {"qkv_proj": {"kernel": [D, (H + 2 * Hkv) * Dh]},   # q | k | v
+                           "o_proj": {"kernel": [H * Dh, D]}},
+                  "post_attention_norm": {"scale": [D]},
+                  "mlp": {"gate_up_proj": {"kernel": [D, 2 * F]},             # gate | up
+                          "down_proj": {"kernel": [F, D]}}},
               "norm": {"scale": [D]},
               "lm_head": {"kernel": [D, V]}}          # only when not tied
+
+Kernels are HF weights transposed ([in, out]); `layer_weights` gives one layer back as
+HF-named [in, out] arrays (q, k, v, gate, up split out).
 
 KV cache: a plain pytree (see `init_cache`), passed in and returned explicitly:
 
     logits, cache = model.apply({"params": params}, tokens, positions, mask, cache)
 
-``tokens``/``positions``/``mask`` are [B, T]. The T new tokens are written at cache slots
-``cache["index"] .. index + T - 1``; a query at slot q attends to key slot s iff
-``s <= q`` and slot s holds a real token (``cache["mask"]``). Positions are explicit, so
-left- and right-padded batches both work (padding slots are simply never attended to).
-With ``cache=None`` a cache of length T is created, i.e. a plain full-sequence forward.
+``cache["k"]`` / ``cache["v"]`` are tuples of L arrays [B, Hkv, S, Dh] (heads before slots,
+so the attention contracts without a transpose). ``tokens``/``positions``/``mask`` are
+[B, T]. The T new tokens are written at cache slots ``cache["index"] .. index + T - 1``; a
+query at slot q attends to key slot s iff ``s <= q`` and slot s holds a real token
+(``cache["mask"]``). Positions are explicit, so left- and right-padded batches both work
+(padding slots are simply never attended to). With ``cache=None`` a cache of length T is
+created, i.e. a plain full-sequence forward.
 """
 from __future__ import annotations
 
@@ -128,6 +139,29 @@ def _dense(features: int, name: str, dtype: Any) -> nn.Dense:
                   kernel_init=nn.initializers.normal(0.02), name=name)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+              implementation: str | None = None) -> jax.Array:
+  """Grouped-query attention; q [B, T, H, Dh], k/v [B, Hkv, S, Dh], mask [B, T, S] bool.
+
+  Returns [B, T, H, Dh]. implementation=None: two einsums with float32 scores and softmax
+  (no layout change of the cache; XLA's generic path). Otherwise ("cudnn", "xla") it goes
+  to `jax.nn.dot_product_attention` (fused kernels on GPU) with k/v in its [B, S, Hkv, Dh]
+  layout.
+  """
+  b, t, h, dh = q.shape
+  hkv = k.shape[1]
+  if implementation is not None:
+    return jax.nn.dot_product_attention(
+        q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask=mask[:, None],
+        scale=scale, implementation=implementation)
+  qg = q.reshape(b, t, hkv, h // hkv, dh)
+  s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksd->btkgd", p, v)
+  return out.reshape(b, t, h, dh)
+
+
 class LlamaAttention(nn.Module):
   """Grouped-query self-attention that reads and writes one layer's KV cache."""
   config: LlamaConfig
@@ -138,39 +172,40 @@ class LlamaAttention(nn.Module):
   def __call__(self, x, positions, attn_mask, index, k_cache, v_cache):
     c = self.config
     b, t, _ = x.shape
-    q = _dense(c.num_heads * c.head_dim, "q_proj", self.dtype)(x)
-    k = _dense(c.num_kv_heads * c.head_dim, "k_proj", self.dtype)(x)
-    v = _dense(c.num_kv_heads * c.head_dim, "v_proj", self.dtype)(x)
+    nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    qkv = _dense(nq + 2 * nkv, "qkv_proj", self.dtype)(x)
+    q, k, v = jnp.split(qkv, [nq, nq + nkv], axis=-1)
     q = q.reshape(b, t, c.num_heads, c.head_dim)
     k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
     v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
     inv_freq = rope_inv_freq(c)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-    out = jax.nn.dot_product_attention(
-        q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask=attn_mask,
-        scale=c.head_dim ** -0.5, implementation=self.attention_impl)
-    out = out.reshape(b, t, c.num_heads * c.head_dim)
+    k = k.astype(k_cache.dtype).transpose(0, 2, 1, 3)  # [B, Hkv, T, Dh]
+    v = v.astype(v_cache.dtype).transpose(0, 2, 1, 3)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k, (0, 0, index, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v, (0, 0, index, 0))
+    out = attention(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), attn_mask,
+                    c.head_dim ** -0.5, self.attention_impl)
+    out = out.reshape(b, t, nq)
     return _dense(c.hidden_size, "o_proj", self.dtype)(out), k_cache, v_cache
 
 
 class LlamaMLP(nn.Module):
-  """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+  """SwiGLU MLP: down(silu(gate(x)) * up(x)), gate and up as one fused matmul."""
   config: LlamaConfig
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    g = _dense(c.intermediate_size, "gate_proj", self.dtype)(x)
-    u = _dense(c.intermediate_size, "up_proj", self.dtype)(x)
+    g, u = jnp.split(_dense(2 * c.intermediate_size, "gate_up_proj", self.dtype)(x), 2,
+                     axis=-1)
     return _dense(c.hidden_size, "down_proj", self.dtype)(nn.silu(g) * u)
 
 
 class LlamaBlock(nn.Module):
-  """One pre-norm decoder layer; scanned over layers (carry = hidden states)."""
+  """One pre-norm decoder layer: (x, kv) -> (x, updated kv)."""
   config: LlamaConfig
   dtype: Any = jnp.float32
   attention_impl: str | None = None
@@ -190,10 +225,28 @@ class LlamaBlock(nn.Module):
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int,
                dtype: Any = jnp.float32) -> Cache:
-  """An empty KV cache: k, v [L, B, max_len, Hkv, Dh]; mask [B, max_len] bool; index ()."""
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+  """An empty KV cache: k, v = tuples of L arrays [B, Hkv, max_len, Dh]; mask [B, max_len]
+  bool; index () int32."""
+  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+  return {"k": zeros(), "v": zeros(), "mask": jnp.zeros((batch, max_len), bool),
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def layer_weights(params: Mapping, config: LlamaConfig, i: int) -> dict:
+  """Layer i's weights as HF-named [in, out] kernels (fused q|k|v and gate|up split):
+  {"input_layernorm", "post_attention_layernorm": [D]; "q_proj", "k_proj", "v_proj",
+  "o_proj", "gate_proj", "up_proj", "down_proj": [in, out]} (numpy or jax arrays)."""
+  c, p = config, params[f"layers_{i}"]
+  nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  qkv = p["attn"]["qkv_proj"]["kernel"]
+  gu = p["mlp"]["gate_up_proj"]["kernel"]
+  f = c.intermediate_size
+  return {"input_layernorm": p["input_norm"]["scale"],
+          "post_attention_layernorm": p["post_attention_norm"]["scale"],
+          "q_proj": qkv[:, :nq], "k_proj": qkv[:, nq:nq + nkv], "v_proj": qkv[:, nq + nkv:],
+          "o_proj": p["attn"]["o_proj"]["kernel"],
+          "gate_proj": gu[:, :f], "up_proj": gu[:, f:], "down_proj": p["mlp"]["down_proj"]["kernel"]}
 
 
 class Llama(nn.Module):
@@ -222,23 +275,23 @@ class Llama(nn.Module):
     if cache is None:
       cache = init_cache(c, b, t, self.dtype)
     index = cache["index"]
-    s = cache["k"].shape[2]
+    s = cache["k"][0].shape[2]
     kv_mask = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
     q_slot = index + jnp.arange(t)
     k_slot = jnp.arange(s)
     allowed = (k_slot[None, :] <= q_slot[:, None])[None] & kv_mask[:, None, :]
     # A query always sees itself, so padded query rows never have an empty softmax.
-    allowed = allowed | (k_slot[None, :] == q_slot[:, None])[None]
-    attn_mask = allowed[:, None, :, :]  # [B, 1, T, S]
+    attn_mask = allowed | (k_slot[None, :] == q_slot[:, None])[None]  # [B, T, S]
 
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=jnp.float32,
                      embedding_init=nn.initializers.normal(0.02), name="embed")
     x = embed(tokens)
-    blocks = nn.scan(LlamaBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-                     length=c.num_layers)
-    x, (k_new, v_new) = blocks(c, self.dtype, self.attention_impl, name="layers")(
-        x, positions, attn_mask, index, (cache["k"], cache["v"]))
+    k_new, v_new = [], []
+    for i in range(c.num_layers):
+      x, (k_i, v_i) = LlamaBlock(c, self.dtype, self.attention_impl, name=f"layers_{i}")(
+          x, positions, attn_mask, index, (cache["k"][i], cache["v"][i]))
+      k_new.append(k_i)
+      v_new.append(v_i)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
@@ -246,7 +299,7 @@ class Llama(nn.Module):
       logits = embed.attend(x)
     else:
       logits = _dense(c.vocab_size, "lm_head", self.dtype)(x)
-    new_cache = {"k": k_new, "v": v_new, "mask": kv_mask, "index": index + t}
+    new_cache = {"k": tuple(k_new), "v": tuple(v_new), "mask": kv_mask, "index": index + t}
     return logits.astype(jnp.float32), new_cache
 
 

@@ -16,7 +16,8 @@
   BF16/F16 tensors are widened to float32.
 
 Both return ``(LlamaConfig, params)`` with params a nested dict of float32 numpy arrays in
-the layout documented in models/llama.py (Dense kernels are HF weights transposed).
+the layout documented in models/llama.py: one ``layers_{i}`` dict per layer, Dense kernels
+are HF weights transposed, Q|K|V and gate|up concatenated along the output axis.
 """
 from __future__ import annotations
 
@@ -36,10 +37,6 @@ _GGUF_HOW_TO = ("get the SmolLM2 file with synthbandit_jax.assets.fetch('smollm2
 _HF_HOW_TO = ("pass a directory written by transformers' save_pretrained (config.json and "
               "model.safetensors or model-*.safetensors shards), e.g. a snapshot under "
               "~/.cache/huggingface/hub/models--ORG--NAME/snapshots/HASH")
-
-_LAYER_KEYS = ("input_norm", "post_attention_norm", "q_proj", "k_proj", "v_proj", "o_proj",
-               "gate_proj", "up_proj", "down_proj")
-
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Undoes llama.cpp's Q/K row permutation; w is [n_heads * head_dim, in] (HF layout)."""
@@ -64,48 +61,42 @@ def params_from_hf_weights(config: LlamaConfig,
       raise ValueError(f"Llama weights: tensor {name!r} is missing")
     return np.asarray(w, np.float32)
 
-  per_layer: dict[str, list[np.ndarray]] = {k: [] for k in _LAYER_KEYS}
+  params: dict[str, Any] = {"embed": {"embedding": need("model.embed_tokens.weight")}}
   for i in range(config.num_layers):
     p = f"model.layers.{i}."
-    per_layer["input_norm"].append(need(p + "input_layernorm.weight"))
-    per_layer["post_attention_norm"].append(need(p + "post_attention_layernorm.weight"))
-    for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
-      per_layer[k].append(need(p + f"self_attn.{k}.weight").T)
-    for k in ("gate_proj", "up_proj", "down_proj"):
-      per_layer[k].append(need(p + f"mlp.{k}.weight").T)
-  st = {k: np.stack(v) for k, v in per_layer.items()}
-  params = {
-      "embed": {"embedding": need("model.embed_tokens.weight")},
-      "layers": {
-          "input_norm": {"scale": st["input_norm"]},
-          "post_attention_norm": {"scale": st["post_attention_norm"]},
-          "attn": {k: {"kernel": st[k]} for k in ("q_proj", "k_proj", "v_proj", "o_proj")},
-          "mlp": {k: {"kernel": st[k]} for k in ("gate_proj", "up_proj", "down_proj")},
-      },
-      "norm": {"scale": need("model.norm.weight")},
-  }
+    attn = {k: need(p + f"self_attn.{k}.weight").T for k in ("q_proj", "k_proj", "v_proj")}
+    mlp = {k: need(p + f"mlp.{k}.weight").T for k in ("gate_proj", "up_proj")}
+    params[f"layers_{i}"] = {
+        "input_norm": {"scale": need(p + "input_layernorm.weight")},
+        "attn": {"qkv_proj": {"kernel": np.concatenate(
+                     [attn["q_proj"], attn["k_proj"], attn["v_proj"]], axis=1)},
+                 "o_proj": {"kernel": np.ascontiguousarray(
+                     need(p + "self_attn.o_proj.weight").T)}},
+        "post_attention_norm": {"scale": need(p + "post_attention_layernorm.weight")},
+        "mlp": {"gate_up_proj": {"kernel": np.concatenate([mlp["gate_proj"], mlp["up_proj"]],
+                                                          axis=1)},
+                "down_proj": {"kernel": np.ascontiguousarray(
+                    need(p + "mlp.down_proj.weight").T)}},
+    }
+  params["norm"] = {"scale": need("model.norm.weight")}
   if not config.tie_word_embeddings:
-    params["lm_head"] = {"kernel": need("lm_head.weight").T}
+    params["lm_head"] = {"kernel": np.ascontiguousarray(need("lm_head.weight").T)}
   _check_shapes(config, params)
   return params
 
 
 def expected_shapes(config: LlamaConfig) -> dict:
   """The params tree of `config` with shape tuples as leaves."""
-  c, L = config, config.num_layers
+  c = config
   q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
   d, f = c.hidden_size, c.intermediate_size
-  shapes = {
-      "embed": {"embedding": (c.vocab_size, d)},
-      "layers": {
-          "input_norm": {"scale": (L, d)}, "post_attention_norm": {"scale": (L, d)},
-          "attn": {"q_proj": {"kernel": (L, d, q)}, "k_proj": {"kernel": (L, d, kv)},
-                   "v_proj": {"kernel": (L, d, kv)}, "o_proj": {"kernel": (L, q, d)}},
-          "mlp": {"gate_proj": {"kernel": (L, d, f)}, "up_proj": {"kernel": (L, d, f)},
-                  "down_proj": {"kernel": (L, f, d)}},
-      },
-      "norm": {"scale": (d,)},
-  }
+  shapes: dict[str, Any] = {"embed": {"embedding": (c.vocab_size, d)}, "norm": {"scale": (d,)}}
+  for i in range(c.num_layers):
+    shapes[f"layers_{i}"] = {
+        "input_norm": {"scale": (d,)}, "post_attention_norm": {"scale": (d,)},
+        "attn": {"qkv_proj": {"kernel": (d, q + 2 * kv)}, "o_proj": {"kernel": (q, d)}},
+        "mlp": {"gate_up_proj": {"kernel": (d, 2 * f)}, "down_proj": {"kernel": (f, d)}},
+    }
   if not c.tie_word_embeddings:
     shapes["lm_head"] = {"kernel": (d, c.vocab_size)}
   return shapes
