@@ -5,7 +5,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -202,7 +201,8 @@ def _smollm2_path():
 def test_launch_with_smollm2_writes_attributes_and_is_deterministic(tmp_path):
   """Real model, 2 classes, short replies: valid attributes.json with raw text, per seed."""
   _smollm2_path()
-  t0 = time.time()
+  # (No wall-time assertion: the stage's speed is measured by benchmarks/llm_throughput.py;
+  # a timed test fails on a loaded machine without anything being wrong.)
   llm = ga.load_llm()
   kw = dict(seed=5, retries=0, max_new_tokens=24, temperature=0.7, top_p=0.9)
   a = ga.extract_attributes(["golden retriever", "bicycle"], llm, **kw)
@@ -214,7 +214,6 @@ def test_launch_with_smollm2_writes_attributes_and_is_deterministic(tmp_path):
     assert e["fallback"] == (e["attributes"] == {})
   p = ga.write_attributes(tmp_path / "attributes.json", a)
   assert ga.load_attributes(p) == a
-  assert time.time() - t0 < 60
 
 
 def test_copies_of_the_prompt_example_do_not_count():
