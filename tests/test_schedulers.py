@@ -152,14 +152,20 @@ def test_matches_diffusers(name, kind):
     if kind == "euler" and cfg.use_karras_sigmas:
       # Fractional timesteps from log-sigma interpolation. torch's vectorised float32 sqrt
       # (building the training sigmas) is not correctly rounded (1 ulp off at a few of the
-      # 1000 entries on this CPU), numpy's is; that ulp reaches some timesteps.
-      np.testing.assert_allclose(ours_t, ref_t, rtol=2.0**-22, atol=0)
+      # 1000 entries on this CPU), numpy's is; that ulp reaches some timesteps, most in
+      # relative terms near t = 0 (seen: 2e-6 of one training step at t = 3, diffusers
+      # 0.42.1 / torch 2.13). atol 1e-5 steps is far below anything the UNet resolves.
+      np.testing.assert_allclose(ours_t, ref_t, rtol=2.0**-22, atol=1e-5)
     else:
       assert np.array_equal(ours_t, ref_t.astype(np.float32)), (name, kind, n, ours_t, ref_t)
     if kind != "euler":
       assert np.array_equal(ours_t, np.round(ours_t))
     ref_sigma = np.float32(ref.init_noise_sigma)
-    assert np.asarray(plan.init_noise_sigma) == ref_sigma, (name, kind, n)
+    # diffusers builds the training sigmas from float32 torch tensors, we in float64 and
+    # round once, so a sigma (and Euler's init_noise_sigma = the largest one) may differ by
+    # one float32 ulp (seen with diffusers 0.42.1 / torch 2.13 at N = 1); nothing coarser.
+    np.testing.assert_allclose(np.asarray(plan.init_noise_sigma), ref_sigma, rtol=2.0**-23,
+                               atol=0, err_msg=str((name, kind, n)))
     x_t = NOISE * ref_sigma
     want = _diffusers_trajectory(ref, x_t)
     got = np.asarray(_our_trajectory(plan, jnp.asarray(x_t)))
