@@ -292,3 +292,70 @@ def test_params_layout_one_dict_per_layer():
   assert jax.tree.map(lambda x: tuple(x.shape), params) == shapes
   cache = llama.init_cache(_CFG, 3, 16)
   assert len(cache["k"]) == _CFG.num_layers and cache["k"][0].shape == (3, 2, 16, 8)
+
+
+def test_shared_prefixes_equal_joined_prompts():
+  """generate(prefix_tokens=..., prefix_index=...) == generate on the joined prompts: two
+  left-padded prefixes of different lengths, four rows with left- and right-padded suffixes."""
+  params = _random_params(_CFG, seed=6)
+  rng = np.random.default_rng(6)
+  prefixes = [rng.integers(0, 64, 7).tolist(), rng.integers(0, 64, 4).tolist()]
+  suffixes = [rng.integers(0, 64, n).tolist() for n in (3, 1, 5, 2)]
+  index = [0, 1, 1, 0]
+  p_tok = np.zeros((2, 8), np.int32)
+  p_mask = np.zeros((2, 8), bool)
+  for g, x in enumerate(prefixes):
+    p_tok[g, 8 - len(x):], p_mask[g, 8 - len(x):] = x, True
+  s_tok = np.zeros((4, 6), np.int32)
+  s_mask = np.zeros((4, 6), bool)
+  for i, x in enumerate(suffixes):
+    if i % 2:  # right padded
+      s_tok[i, :len(x)], s_mask[i, :len(x)] = x, True
+    else:
+      s_tok[i, 6 - len(x):], s_mask[i, 6 - len(x):] = x, True
+  n = 6
+  got = llama.generate(params, _CFG, s_tok, s_mask, n, prefix_tokens=p_tok, prefix_mask=p_mask,
+                       prefix_index=np.asarray(index, np.int32))
+  joined = [prefixes[g] + x for g, x in zip(index, suffixes)]
+  t = max(len(x) for x in joined)
+  j_tok = np.zeros((4, t), np.int32)
+  j_mask = np.zeros((4, t), bool)
+  for i, x in enumerate(joined):
+    j_tok[i, t - len(x):], j_mask[i, t - len(x):] = x, True
+  ref = llama.generate(params, _CFG, j_tok, j_mask, n)
+  np.testing.assert_array_equal(np.asarray(got["tokens"]), np.asarray(ref["tokens"]))
+  for i, x in enumerate(joined):
+    assert np.asarray(got["tokens"][i]).tolist() == _argmax_loop(params, _CFG, x, n)
+
+
+def _nucleus_ref(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+  """numpy reference: the sorted-vocabulary nucleus, renormalised."""
+  z = logits.astype(np.float64) / temperature
+  p = np.exp(z - z.max())
+  p /= p.sum()
+  order = np.argsort(-p, kind="stable")
+  keep = (np.cumsum(p[order]) - p[order]) < top_p
+  q = np.zeros_like(p)
+  q[order[keep]] = p[order[keep]]
+  return q / q.sum()
+
+
+@pytest.mark.parametrize("vocab,slope,top_p", [(40, 0.4, 0.8),       # nucleus of a few tokens
+                                               (1000, 0.002, 0.6)])  # > 256: full sort path
+def test_nucleus_sampling_matches_sorted_reference(vocab, slope, top_p):
+  logits = -slope * np.arange(vocab, dtype=np.float32)
+  np.random.default_rng(0).shuffle(logits)
+  ref = _nucleus_ref(logits, 0.7, top_p)
+  n = 20000
+  batch = np.broadcast_to(logits, (n, vocab))
+  tokens = np.asarray(jax.jit(lambda l, k: llama._sample(l, k, 0.7, top_p))(
+      jnp.asarray(batch), jax.random.key(3)))
+  freq = np.bincount(tokens, minlength=vocab) / n
+  assert set(np.nonzero(freq)[0]) <= set(np.nonzero(ref)[0])  # never outside the nucleus
+  if vocab == 40:
+    np.testing.assert_allclose(freq, ref, atol=0.015)
+  else:  # many small probabilities: compare the mass of the nucleus halves
+    inside = np.nonzero(ref)[0]
+    assert len(inside) > 256
+    half = inside[np.argsort(-ref[inside])][:len(inside) // 2]
+    assert abs(freq[half].sum() - ref[half].sum()) < 0.015

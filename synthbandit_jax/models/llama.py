@@ -246,7 +246,8 @@ def layer_weights(params: Mapping, config: LlamaConfig, i: int) -> dict:
           "post_attention_layernorm": p["post_attention_norm"]["scale"],
           "q_proj": qkv[:, :nq], "k_proj": qkv[:, nq:nq + nkv], "v_proj": qkv[:, nq + nkv:],
           "o_proj": p["attn"]["o_proj"]["kernel"],
-          "gate_proj": gu[:, :f], "up_proj": gu[:, f:], "down_proj": p["mlp"]["down_proj"]["kernel"]}
+          "gate_proj": gu[:, :f], "up_proj": gu[:, f:],
+          "down_proj": p["mlp"]["down_proj"]["kernel"]}
 
 
 class Llama(nn.Module):
@@ -310,20 +311,59 @@ def forward(params: PyTree, config: LlamaConfig, tokens, mask=None, *,
   return logits
 
 
+_NUCLEUS_CANDIDATES = 256
+
+
+def _pick(probs: jax.Array, ids: jax.Array | None, rng: jax.Array) -> jax.Array:
+  """Inverse-CDF draw from unnormalised probs [B, K] (ids [B, K] maps columns to tokens).
+  One uniform per row: a categorical over the vocabulary would draw V Gumbel numbers."""
+  cum = jnp.cumsum(probs, axis=-1)
+  u = jax.random.uniform(rng, (probs.shape[0], 1), jnp.float32) * cum[:, -1:]
+  col = jnp.minimum(jnp.sum(cum <= u, axis=-1), probs.shape[-1] - 1)
+  tok = col if ids is None else jnp.take_along_axis(ids, col[:, None], axis=-1)[:, 0]
+  return tok.astype(jnp.int32)
+
+
 def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
-  """Greedy (temperature == 0) or temperature + nucleus sampling; logits [B, V] float32."""
+  """Greedy (temperature == 0) or temperature + nucleus sampling; logits [B, V] float32.
+
+  Nucleus: the most likely tokens whose probabilities, summed in descending order, reach
+  `top_p` (the token crossing it included). It is found among the 256 most likely tokens
+  (`lax.top_k`, ~20 ms at B = 40, V = 49152 on CPU); only when some row's nucleus is larger
+  is it the set {p >= tau} with tau found by bisection over the whole vocabulary (~80 ms;
+  a [B, V] sort would take ~0.9 s, twice a SmolLM2 decode step).
+  """
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    cum_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = cum_before < top_p  # always keeps the most likely token
-    n_keep = jnp.sum(keep, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+  if top_p >= 1.0:
+    return _pick(jnp.exp(logits - lse), None, rng)
+  v = logits.shape[-1]
+  k = min(_NUCLEUS_CANDIDATES, v)
+  top_logits, top_ids = jax.lax.top_k(logits, k)  # descending
+  top_probs = jnp.exp(top_logits - lse)
+  keep = (jnp.cumsum(top_probs, axis=-1) - top_probs) < top_p  # always keeps the top token
+  kept = jnp.where(keep, top_probs, 0.0)
+  if k == v:
+    return _pick(kept, top_ids, rng)
+  # The nucleus fits in the candidates unless the last one is kept with the mass short.
+  fits = jnp.all(~keep[:, -1] | (jnp.sum(kept, axis=-1) >= top_p))
+
+  def bisection(_):
+    probs = jnp.exp(logits - lse)
+    mass = lambda tau: jnp.sum(jnp.where(probs >= tau[:, None], probs, 0.0), axis=-1)
+
+    def step(_, lo_hi):  # invariant: mass(lo) >= top_p > mass(hi)
+      lo, hi = lo_hi
+      mid = 0.5 * (lo + hi)
+      ok = mass(mid) >= top_p
+      return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 40, step, (jnp.zeros_like(top_probs[:, 0]), top_probs[:, 0]))
+    return _pick(jnp.where(probs >= lo[:, None], probs, 0.0), None, rng)
+
+  return jax.lax.cond(fits, lambda _: _pick(kept, top_ids, rng), bisection, None)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature",
@@ -331,17 +371,26 @@ def _sample(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float)
 def generate(params: PyTree, config: LlamaConfig, prompt_tokens: jax.Array,
              prompt_mask: jax.Array, max_new_tokens: int, *, rng: jax.Array | None = None,
              temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None,
-             pad_id: int = 0, dtype: Any = jnp.float32) -> dict:
+             pad_id: int = 0, dtype: Any = jnp.float32, prefix_tokens: jax.Array | None = None,
+             prefix_mask: jax.Array | None = None,
+             prefix_index: jax.Array | None = None) -> dict:
   """Jitted generation for a padded batch of prompts (left- or right-padded, any mix).
 
   Args:
     prompt_tokens: int [B, T]; prompt_mask: [B, T], True/1 for real tokens (each row needs
       at least one).
-    max_new_tokens: static number of decode steps (cache length = T + max_new_tokens).
+    max_new_tokens: static number of decode steps (cache length = P + T + max_new_tokens).
     rng: PRNG key, required when temperature > 0 (folded with the step number).
     temperature: 0.0 = greedy; otherwise softmax temperature, with nucleus ``top_p``.
     eos_id: a row stops after emitting it (it is kept in the output); later slots = pad_id.
       The loop ends early once every row has stopped.
+    prefix_tokens, prefix_mask, prefix_index: optional shared prompt prefixes. int [G, P]
+      and [G, P] mask (G prefixes, padded like the prompts), and int [B] in [0, G): row b's
+      prompt is the real tokens of prefix ``prefix_index[b]`` followed by row b of
+      `prompt_tokens`. Each prefix runs through the model once and its KV cache is copied
+      to its rows, so B prompts sharing a long start (a system prompt, worked examples) cost
+      G * P + B * T prefill tokens instead of B * (P + T). Same result as the joined
+      prompts (up to float rounding).
   Returns:
     {"tokens": int32 [B, max_new_tokens], "lengths": int32 [B] (tokens emitted, incl. eos),
      "finished": bool [B] (emitted eos)}.
@@ -350,16 +399,36 @@ def generate(params: PyTree, config: LlamaConfig, prompt_tokens: jax.Array,
     raise ValueError("generate: temperature > 0 needs an rng key")
   if rng is None:
     rng = jax.random.key(0)
+  if (prefix_tokens is None) != (prefix_index is None):
+    raise ValueError("generate: prefix_tokens and prefix_index go together")
   model = Llama(config, dtype)
   b, t = prompt_tokens.shape
   mask = prompt_mask.astype(bool)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  cache = init_cache(config, b, t + max_new_tokens, dtype)
+  if prefix_tokens is None:
+    p = 0
+    start = jnp.zeros((b,), jnp.int32)
+    cache = init_cache(config, b, t + max_new_tokens, dtype)
+  else:
+    g, p = prefix_tokens.shape
+    pmask = (jnp.ones((g, p), bool) if prefix_mask is None else prefix_mask.astype(bool))
+    ppos = jnp.maximum(jnp.cumsum(pmask, axis=1) - 1, 0)
+    _, pcache = model.apply({"params": params}, prefix_tokens, ppos, pmask,
+                            init_cache(config, g, p, dtype),
+                            logits_at=jnp.zeros((g,), jnp.int32))
+    idx = jnp.asarray(prefix_index, jnp.int32)
+    pad = ((0, 0), (0, 0), (0, t + max_new_tokens), (0, 0))
+    cache = {"k": tuple(jnp.pad(k[idx], pad) for k in pcache["k"]),
+             "v": tuple(jnp.pad(v[idx], pad) for v in pcache["v"]),
+             "mask": jnp.pad(pmask[idx], ((0, 0), (0, t + max_new_tokens))),
+             "index": jnp.asarray(p, jnp.int32)}
+    start = jnp.sum(pmask, axis=1).astype(jnp.int32)[idx]
+  positions = start[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
   last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
   logits, cache = model.apply({"params": params}, prompt_tokens, positions, mask, cache,
                               logits_at=last)
   next_logits = logits[:, 0]
-  next_pos = jnp.sum(mask, axis=1).astype(jnp.int32)  # position of the first new token
+  # Position of the first new token.
+  next_pos = (start + jnp.sum(mask, axis=1)).astype(jnp.int32)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
   lengths = jnp.zeros((b,), jnp.int32)
