@@ -44,7 +44,9 @@ attributes.prompt_names   launch/run.py: the name the LLM and prompts use per re
                           order ("" = the class names; MNIST: "zero,one,...,nine")
 attributes.file           JSON {class: {category: [values]}} (or an attributes.json): no LLM
 attributes.llm.*          gguf ("" = SmolLM2 asset), max_new_tokens, temperature, top_p,
-                          retries, min_categories, batch_size (see configs/attributes.py)
+                          retries, min_categories, batch_size, mode ("categories": one question
+                          per class x category of the comma-separated `categories`; "free": the
+                          paper's open question), categories (see configs/attributes.py)
 attributes.images_per_class / style   prompts per class; "photo" | "art" | "both"
 generator.*               launch/run.py with generate.model="offline": the demo's own small
                           text-to-image model (fields of generation.train_generator's
@@ -154,12 +156,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.attributes.style = "photo"
   c.attributes.llm = ml_collections.ConfigDict()
   c.attributes.llm.gguf = ""
-  c.attributes.llm.max_new_tokens = 96
+  c.attributes.llm.max_new_tokens = 40
   c.attributes.llm.temperature = 0.7
   c.attributes.llm.top_p = 0.9
   c.attributes.llm.retries = 2
   c.attributes.llm.min_categories = 1
-  c.attributes.llm.batch_size = 16
+  c.attributes.llm.batch_size = 48
+  c.attributes.llm.mode = "categories"
+  c.attributes.llm.categories = "type,color,background,viewpoint"
 
   c.generator = generator_defaults()
 

@@ -60,12 +60,14 @@ def main(argv):
         prev = ga.load_attributes(out_path)
       except (ValueError, OSError) as e:
         raise SystemExit(f"{out_path} exists but is unreadable ({e}); rerun with --overwrite")
-      if list(prev["classes"]) == names and prev.get("seed") == cfg.seed:
+      if (list(prev["classes"]) == names and prev.get("seed") == cfg.seed
+          and prev.get("mode", cfg.llm.mode) == cfg.llm.mode):
         attrs = prev
         logging.info("reusing %s (same classes and seed; --overwrite to redo)", out_path)
       else:
-        raise SystemExit(f"{out_path} was made for other classes or another seed "
-                         f"(seed {prev.get('seed')}, classes {list(prev['classes'])}); use "
+        raise SystemExit(f"{out_path} was made for other classes, another seed or mode "
+                         f"(seed {prev.get('seed')}, mode {prev.get('mode')}, classes "
+                         f"{list(prev['classes'])}); use "
                          f"--overwrite or another --workdir")
     if attrs is None:
       llm = ga.load_llm(cfg.llm.gguf or None)
@@ -74,7 +76,7 @@ def main(argv):
           names, llm, seed=cfg.seed, retries=cfg.llm.retries,
           min_categories=cfg.llm.min_categories, max_new_tokens=cfg.llm.max_new_tokens,
           temperature=cfg.llm.temperature, top_p=cfg.llm.top_p,
-          batch_size=cfg.llm.batch_size)
+          batch_size=cfg.llm.batch_size, mode=cfg.llm.mode, categories=cfg.llm.categories)
   ga.write_attributes(out_path, attrs)
   rows = gp.build_prompts(attrs, images_per_class=cfg.prompts.images_per_class, seed=cfg.seed,
                           style=cfg.prompts.style)

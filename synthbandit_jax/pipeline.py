@@ -107,7 +107,8 @@ def _run_attributes(config, workdir: Path, progress: bool) -> dict:
         names, llm, seed=int(config.seed), retries=int(a.llm.retries),
         min_categories=int(a.llm.min_categories), max_new_tokens=int(a.llm.max_new_tokens),
         temperature=float(a.llm.temperature), top_p=float(a.llm.top_p),
-        batch_size=int(a.llm.batch_size))
+        batch_size=int(a.llm.batch_size), mode=str(a.llm.mode),
+        categories=str(a.llm.categories))
   ga.write_attributes(workdir / "attributes.json", attrs)
   rows = gp.build_prompts(attrs, images_per_class=int(a.images_per_class),
                           seed=int(config.seed), style=a.style)

@@ -69,7 +69,7 @@ def test_parse_caps_lengths_and_counts():
 
 
 class ScriptedLLM:
-  """Fake chat model: replies from a script per class (keyed by a substring of the prompt)."""
+  """Fake chat model for mode="free": replies from a script per class."""
   name = "scripted"
 
   def __init__(self, script: dict[str, list[str]]):
@@ -85,6 +85,25 @@ class ScriptedLLM:
     return out
 
 
+class CategoryLLM:
+  """Fake chat model for mode="categories": replies from a script per (class, category),
+  keyed by the last user message; records every call."""
+  name = "categories"
+
+  def __init__(self, script: dict[tuple[str, str], list[str]]):
+    self.script = {k: list(v) for k, v in script.items()}
+    self.calls: list[tuple[list, int]] = []
+
+  def chat(self, prompts, *, max_new_tokens, seed, temperature, top_p):
+    self.calls.append((list(prompts), seed))
+    out = []
+    for p in prompts:
+      assert isinstance(p, list) and p[-1]["role"] == "user"
+      key = next(k for k in self.script if ga.category_messages(*k) == p)
+      out.append(self.script[key].pop(0) if self.script[key] else "")
+    return out
+
+
 class SeededLLM:
   """Fake chat model whose reply is a pure function of (prompt, seed)."""
   name = "seeded"
@@ -93,7 +112,7 @@ class SeededLLM:
     import hashlib
     out = []
     for p in prompts:
-      h = hashlib.sha256(f"{p}|{seed}".encode()).hexdigest()
+      h = hashlib.sha256(f"{json.dumps(p)}|{seed}".encode()).hexdigest()
       out.append(f"color: c{h[:3]}, c{h[3:6]}\nsize: s{h[6:9]}, s{h[9:12]}")
     return out
 
@@ -105,19 +124,22 @@ def test_retry_then_success_and_fallback():
       "never": ["nothing here", "", "still nothing"],
   })
   out = ga.extract_attributes(["golden retriever", "car accident", "never"], llm, seed=3,
-                              retries=2)
+                              retries=2, mode="free")
   c = out["classes"]
   assert c["car accident"] == {"attributes": {"weather": ["rain", "snow"]},
-                               "raw": ["Weather: rain, snow"], "attempts": 1,
+                               "raw": [{"question": "free", "attempt": 0,
+                                        "text": "Weather: rain, snow"}], "attempts": 1,
                                "fallback": False, "warning": None}
   g = c["golden retriever"]
   assert g["attempts"] == 3 and not g["fallback"]
-  assert g["raw"] == ["", "junk junk", "- Fur: golden, cream\n- Pose: sitting, running"]
+  assert [r["text"] for r in g["raw"]] == [
+      "", "junk junk", "- Fur: golden, cream\n- Pose: sitting, running"]
+  assert [r["attempt"] for r in g["raw"]] == [0, 1, 2]
   assert g["attributes"] == {"fur": ["golden", "cream"], "pose": ["sitting", "running"]}
   n = c["never"]
   assert n["fallback"] and n["attributes"] == {} and n["attempts"] == 3
   assert "never" in n["warning"] and "3 attempt" in n["warning"]
-  assert out["model"] == "scripted" and out["seed"] == 3
+  assert out["model"] == "scripted" and out["seed"] == 3 and out["mode"] == "free"
   # Only unresolved classes were asked again; every attempt used a fresh seed.
   assert [len(p) for p, _ in llm.calls] == [3, 2, 2]
   assert len({s for _, s in llm.calls}) == 3
@@ -125,7 +147,7 @@ def test_retry_then_success_and_fallback():
 
 def test_min_categories_and_bounded_retries():
   llm = ScriptedLLM({"cat": ["color: black, white"] * 5})
-  out = ga.extract_attributes(["cat"], llm, seed=0, retries=1, min_categories=2)
+  out = ga.extract_attributes(["cat"], llm, seed=0, retries=1, min_categories=2, mode="free")
   e = out["classes"]["cat"]
   assert e["attempts"] == 2 and e["fallback"] and len(e["raw"]) == 2
   with pytest.raises(ValueError, match="retries"):
@@ -134,18 +156,25 @@ def test_min_categories_and_bounded_retries():
     ga.extract_attributes(["cat", "cat"], llm)
   with pytest.raises(ValueError, match="empty"):
     ga.extract_attributes(["cat", "  "], llm)
+  with pytest.raises(ValueError, match="mode"):
+    ga.extract_attributes(["cat"], llm, mode="chatty")
+  with pytest.raises(ValueError, match="duplicate categories"):
+    ga.extract_attributes(["cat"], llm, categories=["color", "Color"])
 
 
-def test_deterministic_for_seed_and_unicode_names(tmp_path):
+@pytest.mark.parametrize("mode", ga.MODES)
+def test_deterministic_for_seed_and_unicode_names(tmp_path, mode):
   names = ["golden retriever", "Crème brûlée", "rock'n'roll (live!)", "猫", "T-shirt/top"]
-  a = ga.extract_attributes(names, SeededLLM(), seed=11)
-  b = ga.extract_attributes(names, SeededLLM(), seed=11)
-  c = ga.extract_attributes(names, SeededLLM(), seed=12)
+  a = ga.extract_attributes(names, SeededLLM(), seed=11, mode=mode)
+  b = ga.extract_attributes(names, SeededLLM(), seed=11, mode=mode)
+  c = ga.extract_attributes(names, SeededLLM(), seed=12, mode=mode)
   assert a == b and a != c
   assert list(a["classes"]) == names
+  expected = {"color", "size"} if mode == "free" else set(ga.DEFAULT_CATEGORIES)
   for n in names:
     assert n in ga.attribute_prompt(n)
-    assert set(a["classes"][n]["attributes"]) == {"color", "size"}
+    assert all(n in ga.category_messages(n, k)[-1]["content"] for k in ga.DEFAULT_CATEGORIES)
+    assert set(a["classes"][n]["attributes"]) == expected
   p = ga.write_attributes(tmp_path / "attributes.json", a)
   assert "Crème brûlée" in p.read_text(encoding="utf-8")  # not \u-escaped
   assert ga.load_attributes(p) == a
@@ -210,8 +239,12 @@ def test_launch_with_smollm2_writes_attributes_and_is_deterministic(tmp_path):
   assert a == b
   assert a["model"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
   for e in a["classes"].values():
-    assert len(e["raw"]) == 1 and isinstance(e["raw"][0], str) and e["raw"][0].strip()
+    assert [r["question"] for r in e["raw"]] == list(ga.DEFAULT_CATEGORIES)
+    assert all(isinstance(r["text"], str) for r in e["raw"])
+    assert any(r["text"].strip() for r in e["raw"])
     assert e["fallback"] == (e["attributes"] == {})
+  # One batched call, shared prefixes (one per category), [B, T] padded to a multiple of 8.
+  assert len(llm.calls) == 2 and llm.calls[0]["rows"] == 8
   p = ga.write_attributes(tmp_path / "attributes.json", a)
   assert ga.load_attributes(p) == a
 
@@ -224,12 +257,84 @@ def test_copies_of_the_prompt_example_do_not_count():
       "dog": [example, example + "\nbreed: beagle, poodle"],
       "cat": [example] * 3,
   })
-  out = ga.extract_attributes(["dog", "cat"], llm, seed=1, retries=2)
+  out = ga.extract_attributes(["dog", "cat"], llm, seed=1, retries=2, mode="free")
   dog = out["classes"]["dog"]
   assert dog["attempts"] == 2 and dog["attributes"] == {"breed": ["beagle", "poodle"]}
   cat = out["classes"]["cat"]
   assert cat["fallback"] and cat["attempts"] == 3 and cat["attributes"] == {}
   # A real colour list that merely shares the category name is kept.
   llm = ScriptedLLM({"fox": ["color: red, silver, arctic white"]})
-  assert ga.extract_attributes(["fox"], llm, seed=0)["classes"]["fox"]["attributes"] == {
+  assert ga.extract_attributes(["fox"], llm, seed=0, mode="free")["classes"]["fox"][
+      "attributes"] == {
       "color": ["red", "silver", "arctic white"]}
+
+
+# Replies to one category question, as SmolLM2-135M writes them (seen on this machine).
+VALUE_CASES = [
+    ("blue, green, gold, silver, white, red, black, silver, white, beige, beige", "zero",
+     ["blue", "green", "gold", "silver", "white", "red", "black", "beige"]),
+    ("zero, zero zero, zero zero zero, zero zero zero zero", "zero", []),
+    ("car accident, highway, road, road trip, plane crash, plane crash", "car accident",
+     ["highway", "road", "road trip", "plane crash"]),
+    ("1. Blue\n2. Red\n3. Gold\n4. White", "dog", ["blue", "red", "gold", "white"]),
+    ("The colors are: blue, red, green, yellow, and white.", "six",
+     ["blue", "red", "green", "yellow", "white"]),
+    ("The bird can be a: \n\n * Blue\n * Green\n * Red", "bird", ["blue", "green", "red"]),
+    ("a jay, a hawk, a sparrow, an eagle", "bird", ["jay", "hawk", "sparrow", "eagle"]),
+    ("7, 8, 9, 10, 11", "seven", []),
+    ("beachfront, beachfront beachfront beach, car park", "three", ["beachfront", "car park"]),
+    ('["poodle", "Beagle"]', "dog", ["poodle", "beagle"]),
+    ("The zero can be any color, but it can also be any color that is not a color.", "zero",
+     []),
+    ("", "x", []),
+]
+
+
+@pytest.mark.parametrize("text,name,expected", VALUE_CASES)
+def test_parse_values(text, name, expected):
+  assert ga.parse_values(text, name) == expected
+
+
+def test_category_messages_use_two_other_example_subjects():
+  m = ga.category_messages("dog", "color")
+  assert [x["role"] for x in m] == ["user", "assistant", "user", "assistant", "user"]
+  assert "a bicycle" in m[0]["content"] and "a teapot" in m[2]["content"]
+  assert m[-1]["content"] == "List five colors of a dog. Answer with a comma-separated list."
+  m = ga.category_messages("racing bicycle", "type")  # the class is never its own example
+  assert "bicycle" not in m[0]["content"] + m[2]["content"]
+  assert m[-1]["content"].startswith("List five different kinds of racing bicycle.")
+  m = ga.category_messages("owl", "weather")  # no built-in question: bare, no examples
+  assert m == [{"role": "user", "content": "List five different weather for a photo of an "
+                                           "owl. Answer with a comma-separated list."}]
+
+
+def test_categories_mode_retries_only_failed_questions_and_rejects_copies():
+  copy = ga.CATEGORY_QUESTIONS["background"][1][0]  # the bicycle example, verbatim
+  llm = CategoryLLM({
+      ("dog", "color"): ["brown, black, white"],
+      ("dog", "background"): [copy, "dog dog, dog", "park, beach, sofa"],
+      ("owl", "color"): ["7, 8", "", "zero"],
+      ("owl", "background"): ["forest, barn, night sky"],
+  })
+  out = ga.extract_attributes(["dog", "owl"], llm, seed=2, retries=2,
+                              categories=["color", "background"], min_categories=2)
+  dog, owl = out["classes"]["dog"], out["classes"]["owl"]
+  assert out["mode"] == "categories"
+  assert dog["attributes"] == {"color": ["brown", "black", "white"],
+                               "background": ["park", "beach", "sofa"]}
+  assert dog["attempts"] == 3 and not dog["fallback"]
+  assert [(r["question"], r["attempt"]) for r in dog["raw"]] == [
+      ("color", 0), ("background", 0), ("background", 1), ("background", 2)]
+  assert owl["fallback"] and owl["attributes"] == {} and "background" in owl["warning"]
+  assert [len(p) for p, _ in llm.calls] == [4, 2, 2]  # only open questions asked again
+  assert len({s for _, s in llm.calls}) == 3
+  # A copy with the example subject's name dropped is still a copy ("porcelain teapot").
+  llm = CategoryLLM({("six", "type"): ["glass, silver, copper, porcelain, cast iron",
+                                       "round six, curly six"]})
+  e = ga.extract_attributes(["six"], llm, seed=0, categories=["type"])["classes"]["six"]
+  assert e["attempts"] == 2 and e["attributes"] == {"type": ["round six", "curly six"]}
+  # With min_categories=1 the owl keeps its one good category.
+  llm = CategoryLLM({("owl", "color"): ["7, 8"], ("owl", "background"): ["forest, barn"]})
+  out = ga.extract_attributes(["owl"], llm, seed=2, retries=0,
+                              categories=["color", "background"])
+  assert out["classes"]["owl"]["attributes"] == {"background": ["forest", "barn"]}

@@ -133,3 +133,14 @@ def test_launch_reuses_existing_attributes(tmp_path):
   r = _launch(wd, "--config.classes=one", "--config.seed=4", "--overwrite",
               f"--config.llm.gguf={tmp_path / 'absent.gguf'}")
   assert r.returncode != 0 and "absent.gguf" in r.stderr
+
+
+def test_phrases_per_category():
+  assert gp._phrase("color", "red") == "red color"
+  assert gp._phrase("background", "city street") == "city street background"
+  assert gp._phrase("color", "dark red color") == "dark red color"
+  assert gp._phrase("type", "parrot") == "parrot"
+  assert gp._phrase("viewpoint", "side view") == "side view"
+  rows = gp.build_prompts({"bird": {"type": ["parrot"], "viewpoint": ["from above"]}},
+                          images_per_class=1, seed=0)
+  assert "parrot, from above" in rows[0]["prompt"] and "type" not in rows[0]["prompt"]

@@ -1,14 +1,29 @@
 """Attribute extraction: ask an LLM which attributes vary within each class.
 
 The paper asks an LLM, per class, for attribute categories (viewpoint, lighting, colour...)
-with several values each, and samples them into image prompts. Small models write messy text,
-so `parse_attributes` accepts many shapes; `extract_attributes` retries with new seeds and
-falls back to class-name-only prompts (recording a warning) when nothing parses.
+with several values each, and samples them into image prompts. Two modes:
+
+* ``mode="categories"`` (default): one short question per (class, category), e.g. "List five
+  colors of a dog. Answer with a comma-separated list.", asked as a chat after two worked
+  examples about unrelated subjects (a bicycle, a teapot, a sailboat: the two that are not
+  the class). The categories are fixed (`DEFAULT_CATEGORIES` or the caller's); the LLM only
+  supplies values. This is what SmolLM2-135M can do: asked for categories and values in one
+  reply it copies the prompt's example or writes junk (measured on the MNIST class names and
+  on "car accident", "bird", "dog": see README, attribute stage).
+* ``mode="free"``: the paper's open question (the LLM chooses the categories), one reply per
+  class parsed by `parse_attributes`; for larger models.
+
+Small models write messy text, so the parsers accept many shapes and filter junk (values
+that only repeat the class name, repeated words, values without letters); a reply that only
+copies the worked examples does not count. Each failed question is asked again with a new
+seed (`retries`); a class with fewer than `min_categories` categories falls back to
+class-name-only prompts, with a warning recorded.
 
 attributes.json (written by launch/attributes.py):
-  {"model": str, "seed": int,
-   "classes": {name: {"attributes": {category: [values]}, "raw": [texts], "attempts": int,
-                      "fallback": bool, "warning": str | None}}}
+  {"model": str, "seed": int, "mode": "categories" | "free",
+   "classes": {name: {"attributes": {category: [values]},
+                      "raw": [{"question": category | "free", "attempt": int, "text": str}],
+                      "attempts": int, "fallback": bool, "warning": str | None}}}
 """
 from __future__ import annotations
 
@@ -16,6 +31,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -31,19 +47,54 @@ MAX_CATEGORY_CHARS = 40
 MAX_VALUE_CHARS = 60
 MAX_VALUE_WORDS = 6
 
-# The user message. SmolLM2-135M follows a short question with an inline example best (tried
-# on this machine: asking for a "category: ..." format made it echo the word "category").
+# mode="free": the user message. SmolLM2-135M follows a short question with an inline example
+# best (tried on this machine: asking for a "category: ..." format made it echo the word
+# "category"); it still mostly copies the example lines, which `_echoes_example` drops.
 _PROMPT = ("What visual attributes vary between different photos of {article} {name}? Give each "
            "attribute with three example values, like this:\ncolor: red, blue, green\n"
            "size: small, medium, large")
+
+# mode="categories": per category, the question ({name} = class name, {subject} = with its
+# article) and worked answers for the example subjects below. The example values are
+# specific phrases ("cherry red", not "red"), so an answer that copies them is recognisable
+# while a plain answer ("red, blue, white") is not mistaken for a copy.
+_EXAMPLE_SUBJECTS = ("bicycle", "teapot", "sailboat")
+CATEGORY_QUESTIONS: dict[str, tuple[str, tuple[str, str, str]]] = {
+    "type": ("List five different kinds of {name}.",
+             ("mountain bike, road bike, BMX bike, tandem bike, cargo bike",
+              "porcelain teapot, cast iron teapot, glass teapot, clay teapot, silver teapot",
+              "yacht, catamaran, dinghy, schooner, sloop")),
+    "color": ("List five colors of {subject}.",
+              ("cherry red, matte black, chrome silver, lime green, sky blue",
+               "ivory, turquoise, copper, jade green, cobalt blue",
+               "navy blue, teak brown, sunflower yellow, pale gray, snow white")),
+    "background": ("List five backgrounds for a photo of {subject}.",
+                   ("city street, park path, garage, mountain trail, bike shop",
+                    "kitchen counter, dining table, cafe shelf, picnic blanket, shop window",
+                    "open sea, harbor, lake at dawn, marina, rocky coastline")),
+    "viewpoint": ("List five camera angles for a photo of {subject}.",
+                  ("side view, handlebar close-up, from above, low angle, rear view",
+                   "top-down view, spout close-up, three-quarter view, eye level, "
+                   "from a distance",
+                   "aerial view, broadside view, from the shore, from the deck, "
+                   "bow-on view")),
+}
+DEFAULT_CATEGORIES = ("type", "color", "background", "viewpoint")
+# Other category names get this question, without worked examples.
+_GENERIC_QUESTION = "List five different {category} for a photo of {subject}."
+_ANSWER_FORMAT = " Answer with a comma-separated list."
+MODES = ("categories", "free")
+MIN_VALUES = 2  # a category needs this many usable values not copied from the examples
 
 
 class ChatModel(Protocol):
   """Anything with the `LLM.chat` interface (tests use scripted fakes)."""
   name: str
 
-  def chat(self, prompts: list[str], *, max_new_tokens: int, seed: int, temperature: float,
-           top_p: float) -> list[str]:
+  def chat(self, prompts: list[str | list[dict]], *, max_new_tokens: int, seed: int,
+           temperature: float, top_p: float) -> list[str]:
+    """One reply per prompt; a prompt is a user message or a list of chat messages
+    ({"role": "user" | "assistant" | "system", "content": str}) ending with a user turn."""
     ...
 
 
@@ -85,41 +136,97 @@ class LLM:
     self.dtype = jnp.float32 if dtype is None else dtype
     self.eos_id = int(tok.eos_token_id)
     self.pad_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    self.calls: list[dict] = []  # one entry per `chat` call: rows, [B, T], steps, seconds
 
-  def encode_chat(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Chat-templated, left-padded token ids [B, T] and mask [B, T]."""
-    ids = []
-    for q in prompts:
-      text = self.tokenizer.apply_chat_template([{"role": "user", "content": q}],
-                                                add_generation_prompt=True, tokenize=False)
-      ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-    t = max(len(x) for x in ids)
-    # Round up to a multiple of 16 so similar batches share one compiled program.
-    t = -(-t // 16) * 16
-    tokens = np.full((len(ids), t), self.pad_id, np.int32)
-    mask = np.zeros((len(ids), t), bool)
-    for i, x in enumerate(ids):
-      tokens[i, t - len(x):] = x
-      mask[i, t - len(x):] = True
+  def token_ids(self, prompt: str | list[dict]) -> list[int]:
+    """Chat-templated token ids of one prompt (a user message or a list of chat messages),
+    ending with the assistant header."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                              tokenize=False)
+    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+  def _left_pad(self, rows: Sequence[Sequence[int]], multiple: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    # Widths rounded up, so similar batches share one compiled program.
+    t = -(-max(len(x) for x in rows) // multiple) * multiple
+    tokens = np.full((len(rows), t), self.pad_id, np.int32)
+    mask = np.zeros((len(rows), t), bool)
+    for i, x in enumerate(rows):
+      if x:
+        tokens[i, t - len(x):] = x
+        mask[i, t - len(x):] = True
     return tokens, mask
 
-  def chat(self, prompts: list[str], *, max_new_tokens: int, seed: int,
+  def encode_chat(self, prompts: Sequence[str | list[dict]]) -> tuple[np.ndarray, np.ndarray]:
+    """Chat-templated, left-padded token ids [B, T] and mask [B, T] (whole prompts)."""
+    return self._left_pad([self.token_ids(q) for q in prompts], 16)
+
+  def encode_shared(self, prompts: Sequence[str | list[dict]]) -> dict:
+    """The prompts as shared prefixes + per-row suffixes for `llama.generate`.
+
+    Prompts with the same messages before their last one (plain strings: all of them) form
+    a group; the group's prefix is the longest common start of their token ids (the system
+    prompt, worked examples, the question's fixed words), leaving each row at least one
+    token of its own. Returns {"tokens", "mask"} [B, T] suffixes and {"prefix_tokens",
+    "prefix_mask"} [G, P], "prefix_index" [B]; G is padded to a multiple of 4 (unused copies)
+    and P, T to multiples of 32 (fewer distinct compiled shapes).
+    """
+    ids = [self.token_ids(q) for q in prompts]
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(prompts):
+      key = "" if isinstance(q, str) else json.dumps(list(q)[:-1], sort_keys=True)
+      groups.setdefault(key, []).append(i)
+    prefixes, suffixes = [], [None] * len(ids)
+    index = np.zeros(len(ids), np.int32)
+    for g, rows in enumerate(groups.values()):
+      first = ids[rows[0]]
+      cut = min(len(ids[i]) for i in rows) - 1
+      for i in rows[1:]:
+        cut = next((k for k, (a, b) in enumerate(zip(first[:cut], ids[i])) if a != b), cut)
+      prefixes.append(first[:cut])
+      for i in rows:
+        suffixes[i], index[i] = ids[i][cut:], g
+    prefixes += [prefixes[0]] * (-len(prefixes) % 4)
+    p_tok, p_mask = self._left_pad([x or [self.pad_id] for x in prefixes], 32)
+    for g, x in enumerate(prefixes):
+      if not x:  # an empty prefix: one masked pad token (never attended to)
+        p_mask[g] = False
+    tokens, mask = self._left_pad(suffixes, 32)
+    return {"tokens": tokens, "mask": mask, "prefix_tokens": p_tok, "prefix_mask": p_mask,
+            "prefix_index": index}
+
+  def chat(self, prompts: list[str | list[dict]], *, max_new_tokens: int, seed: int,
            temperature: float = 0.7, top_p: float = 0.9) -> list[str]:
-    """One assistant reply per user prompt (a single batched, jitted generate call)."""
+    """One assistant reply per prompt (a single batched, jitted generate call; shared
+    prompt starts are computed once, see `encode_shared`)."""
     import jax  # pylint: disable=import-outside-toplevel
 
     from synthbandit_jax.models import llama  # pylint: disable=import-outside-toplevel
     if not prompts:
       return []
-    tokens, mask = self.encode_chat(prompts)
-    out = llama.generate(self.params, self.config, tokens, mask, int(max_new_tokens),
-                         rng=jax.random.key(int(seed)), temperature=float(temperature),
-                         top_p=float(top_p), eos_id=self.eos_id, pad_id=self.pad_id,
-                         dtype=self.dtype)
+    n = len(prompts)
+    t0 = time.perf_counter()
+    # Pad the batch to a multiple of 8 rows (copies of the last prompt, dropped below), so
+    # batches of similar size share one compiled program.
+    enc = self.encode_shared(list(prompts) + [prompts[-1]] * (-n % 8))
+    out = llama.generate(self.params, self.config, enc["tokens"], enc["mask"],
+                         int(max_new_tokens), rng=jax.random.key(int(seed)),
+                         temperature=float(temperature), top_p=float(top_p),
+                         eos_id=self.eos_id, pad_id=self.pad_id, dtype=self.dtype,
+                         prefix_tokens=enc["prefix_tokens"], prefix_mask=enc["prefix_mask"],
+                         prefix_index=enc["prefix_index"])
     toks = np.asarray(out["tokens"])
     lengths = np.asarray(out["lengths"])
+    secs = time.perf_counter() - t0
+    shape = [*enc["prefix_tokens"].shape, *enc["tokens"].shape]
+    self.calls.append({"rows": n, "prefixes_x_width_rows_x_width": shape,
+                       "max_new_tokens": int(max_new_tokens), "steps": int(lengths.max()),
+                       "seconds": round(secs, 2)})
+    log.info("LLM %s: %d prompts as prefixes [%d, %d] + rows [%d, %d], %d steps in %.1f s",
+             self.name, n, *shape, int(lengths.max()), secs)
     return [self.tokenizer.decode(toks[i, :lengths[i]].tolist(), skip_special_tokens=True)
-            for i in range(len(prompts))]
+            for i in range(n)]
 
 
 def load_llm(gguf_path: str | os.PathLike | None = None) -> LLM:
@@ -139,11 +246,59 @@ def _echoes_example(category: str, values: list[str]) -> bool:
   return category in example and set(values) <= set(example[category])
 
 
+def _article(name: str) -> str:
+  return "an" if name[:1].lower() in "aeiou" else "a"
+
+
 def attribute_prompt(class_name: str) -> str:
-  """The user message asking for attribute categories (with values) that vary within a class."""
+  """mode="free": the user message asking for attribute categories (with values) that vary
+  within a class."""
   name = class_name.strip()
-  article = "an" if name[:1].lower() in "aeiou" else "a"
-  return _PROMPT.format(article=article, name=name)
+  return _PROMPT.format(article=_article(name), name=name)
+
+
+def _example_subjects(class_name: str) -> tuple[int, ...]:
+  """Indices of the two example subjects used for a class (never the class itself)."""
+  name = class_name.strip().lower()
+  return tuple(i for i, s in enumerate(_EXAMPLE_SUBJECTS)
+               if s not in name and name not in s)[:2]
+
+
+def category_question(class_name: str, category: str) -> str:
+  """mode="categories": the user message asking for values of one category."""
+  name = class_name.strip()
+  subject = f"{_article(name)} {name}"
+  template = CATEGORY_QUESTIONS.get(category, (_GENERIC_QUESTION,))[0]
+  return template.format(name=name, subject=subject, category=category) + _ANSWER_FORMAT
+
+
+def category_messages(class_name: str, category: str) -> list[dict]:
+  """mode="categories": the chat for one (class, category): two worked examples (user
+  question + assistant answer about unrelated subjects), then the question about the class.
+  Categories outside CATEGORY_QUESTIONS get the bare question."""
+  messages: list[dict] = []
+  if category in CATEGORY_QUESTIONS:
+    answers = CATEGORY_QUESTIONS[category][1]
+    for i in _example_subjects(class_name):
+      question = category_question(_EXAMPLE_SUBJECTS[i], category)
+      messages += [{"role": "user", "content": question},
+                   {"role": "assistant", "content": answers[i]}]
+  messages.append({"role": "user", "content": category_question(class_name, category)})
+  return messages
+
+
+def _example_values(class_name: str, category: str) -> set[str]:
+  if category not in CATEGORY_QUESTIONS:
+    return set()
+  answers = CATEGORY_QUESTIONS[category][1]
+  out = set()
+  for i in _example_subjects(class_name):
+    subject = set(_EXAMPLE_SUBJECTS[i].split())
+    for v in _clean_values(answers[i]):
+      out.add(v)  # also with the subject's name dropped: "porcelain teapot" -> "porcelain"
+      out.add(" ".join(w for w in v.split() if w not in subject))
+  out.discard("")
+  return out
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -336,70 +491,166 @@ def parse_attributes(text: str) -> dict[str, list[str]]:
   return result
 
 
+_VERBS = {"is", "are", "was", "were", "be", "been", "can", "could", "will", "would", "should",
+          "may", "might", "has", "have", "do", "does"}
+
+
+def parse_values(text: str, class_name: str = "") -> list[str]:
+  """Parses a reply to one category question into values (lowercase, deduplicated, capped).
+
+  Accepts comma / semicolon lists, bulleted or numbered lines, a leading "Colors:" label or
+  "The colors are:" sentence, JSON lists, leading articles ("a jay" -> "jay"), and the endless repetition loops small models fall
+  into (duplicates go). Drops values that are only the class name (or its words repeated),
+  values with a word repeated back to back ("dog dog", "garden garden"), values without a
+  letter ("7", "10"), sentences (a word like "is", "can", "are") and over-long phrases.
+  """
+  if not isinstance(text, str) or not text.strip():
+    return []
+  pieces: list[str] = []
+  for obj in _json_candidates(text):
+    if isinstance(obj, list):
+      pieces += [str(x) for x in obj if not isinstance(x, (dict, list))]
+    elif isinstance(obj, dict):
+      for v in obj.values():
+        pieces += ([str(x) for x in v if not isinstance(x, (dict, list))]
+                   if isinstance(v, list) else [str(v)])
+  if not pieces:
+    for raw_line in text.splitlines():
+      line = _MD.sub("", _BULLET.sub("", raw_line.strip(), count=1)).strip()
+      if not line or line.startswith("```"):
+        continue
+      m = re.match(r"^[^:]{1,60}:\s*(?P<rest>.*)$", line)  # "Colors: red, blue"
+      if m and len(line[:m.start("rest")].split()) <= 8:
+        line = m.group("rest")
+      pieces += _SPLIT_VALUES.split(line)
+  class_words = set(re.findall(r"[^\W_]+", class_name.lower()))
+  out = []
+  pieces = [re.sub(r"^\s*(?:a|an|the)\s+", "", x, flags=re.IGNORECASE) for x in pieces]
+  for v in _clean_values(pieces):
+    words = re.findall(r"[^\W_]+", v)
+    if not re.search(r"[^\W\d_]", v):
+      continue
+    if class_words and set(words) <= class_words:
+      continue
+    if _VERBS & set(words):  # a sentence ("the zero can be any color"), not a value
+      continue
+    if any(a == b for a, b in zip(words, words[1:])):
+      continue
+    out.append(v)
+  return out[:MAX_VALUES]
+
+
 # ----------------------------------------------------------------------------- extraction
 
-def _class_seed(seed: int, class_index: int, attempt: int) -> int:
-  """Seed of one (class, attempt): independent of batching and of the other classes."""
-  ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, class_index, attempt])
+def _class_seed(seed: int, class_index: int, attempt: int, question: int = 0) -> int:
+  """Seed of one (class, question, attempt): independent of batching and of the others."""
+  ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, class_index, attempt, question])
   return int(ss.generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def extract_attributes(class_names: Sequence[str], llm: ChatModel, *, seed: int = 0,
-                       retries: int = 2, min_categories: int = 1, max_new_tokens: int = 96,
-                       temperature: float = 0.7, top_p: float = 0.9,
-                       batch_size: int = 16) -> dict:
+                       retries: int = 2, min_categories: int = 1, max_new_tokens: int = 40,
+                       temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 48,
+                       mode: str = "categories",
+                       categories: Sequence[str] | None = None) -> dict:
   """Attributes for each class from `llm` (see the module docstring for the output layout).
 
-  Each class gets 1 + `retries` attempts at most, each with its own seed derived from
-  (seed, class index, attempt); an attempt succeeds when at least `min_categories` categories
-  parse. Classes that never succeed get {} attributes, fallback=True and a warning (their
-  prompts then use the class name only). Prompts of pending classes go to the LLM in batches
-  of `batch_size`; per-class seeds keep the result the same whatever the batching
-  (for `LLM`, the batch seed is the first class's seed, so batching matters there: it is
-  fixed by the inputs, hence deterministic for a seed).
+  mode="categories": one question per (class, category) (`categories`, default
+  DEFAULT_CATEGORIES); a question succeeds when its reply has at least MIN_VALUES usable
+  values not copied from the worked examples, and those are at least half of its values (a
+  copied example says nothing about the class); a failed one is asked again (at most
+  `retries` more times). A class needs `min_categories` successful categories.
+  mode="free": one open question per class; an attempt succeeds when at least
+  `min_categories` categories parse (lines copying the prompt's example do not count).
+
+  Every question and attempt has its own seed derived from (seed, class index, question,
+  attempt); `max_new_tokens` bounds each reply. Classes that never succeed get {}
+  attributes, fallback=True and a warning (their prompts then use the class name only).
+  Questions still open go to the LLM in batches of `batch_size` (for `LLM`, the batch seed
+  is the first question's seed, so the batching is part of the inputs; deterministic for a
+  seed).
   """
   names = _check_class_names(class_names)
   if retries < 0:
     raise ValueError(f"retries must be >= 0, got {retries}")
   if min_categories < 1:
     raise ValueError(f"min_categories must be >= 1, got {min_categories}")
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if mode == "free":
+    questions = ["free"]
+  else:
+    questions = _check_categories(DEFAULT_CATEGORIES if categories is None else categories)
   entries = {n: {"attributes": {}, "raw": [], "attempts": 0, "fallback": False,
                  "warning": None} for n in names}
-  pending = list(range(len(names)))
+  found: dict[str, dict[str, list[str]]] = {n: {} for n in names}
+  pending = [(i, q) for i in range(len(names)) for q in range(len(questions))]
   for attempt in range(retries + 1):
     if not pending:
       break
     still = []
+    asked = set()
     for start in range(0, len(pending), batch_size):
-      idx = pending[start:start + batch_size]
-      batch_seed = _class_seed(seed, idx[0], attempt)
-      replies = llm.chat([attribute_prompt(names[i]) for i in idx],
-                         max_new_tokens=max_new_tokens, seed=batch_seed,
+      todo = pending[start:start + batch_size]
+      batch_seed = _class_seed(seed, todo[0][0], attempt, todo[0][1])
+      prompts = [attribute_prompt(names[i]) if mode == "free"
+                 else category_messages(names[i], questions[q]) for i, q in todo]
+      replies = llm.chat(prompts, max_new_tokens=max_new_tokens, seed=batch_seed,
                          temperature=temperature, top_p=top_p)
-      if len(replies) != len(idx):
+      if len(replies) != len(todo):
         raise RuntimeError(f"LLM {getattr(llm, 'name', llm)!r} returned {len(replies)} replies "
-                           f"for {len(idx)} prompts")
-      for i, reply in zip(idx, replies):
-        e = entries[names[i]]
-        e["raw"].append(reply)
-        e["attempts"] += 1
-        attrs = parse_attributes(reply)
-        attrs = {k: v for k, v in attrs.items()
-                 if k != names[i].lower() and not _echoes_example(k, v)}
-        if len(attrs) >= min_categories:
-          e["attributes"] = attrs
+                           f"for {len(todo)} prompts")
+      for (i, q), reply in zip(todo, replies):
+        name, question = names[i], questions[q]
+        e = entries[name]
+        e["raw"].append({"question": question, "attempt": attempt, "text": reply})
+        asked.add(i)
+        if mode == "free":
+          attrs = parse_attributes(reply)
+          attrs = {k: v for k, v in attrs.items()
+                   if k != name.lower() and not _echoes_example(k, v)}
+          if len(attrs) >= min_categories:
+            found[name] = attrs
+          else:
+            still.append((i, q))
         else:
-          still.append(i)
+          values = parse_values(reply, name)
+          new = [v for v in values if v not in _example_values(name, question)]
+          if len(new) >= MIN_VALUES and 2 * len(new) >= len(values):  # not a copy
+            found[name][question] = values
+          else:
+            still.append((i, q))
+    for i in asked:
+      entries[names[i]]["attempts"] += 1
     pending = still
-  for i in pending:
-    e = entries[names[i]]
+  for i, name in enumerate(names):
+    e = entries[name]
+    attrs = {q: found[name][q] for q in questions if q in found[name]} if mode != "free" \
+        else found[name]
+    if len(attrs) >= min_categories:
+      e["attributes"] = attrs
+      continue
     e["fallback"] = True
-    e["warning"] = (f"no usable attributes for class {names[i]!r} after {e['attempts']} "
-                    f"attempt(s) (needed >= {min_categories} categories); using class-name-only "
-                    f"prompts")
+    got = f" (got {len(attrs)}: {sorted(attrs)})" if attrs else ""
+    e["warning"] = (f"no usable attributes for class {name!r} after {e['attempts']} "
+                    f"attempt(s) (needed >= {min_categories} categories{got}); using "
+                    f"class-name-only prompts")
     log.warning(e["warning"])
-  return {"model": getattr(llm, "name", type(llm).__name__), "seed": int(seed),
+  return {"model": getattr(llm, "name", type(llm).__name__), "seed": int(seed), "mode": mode,
           "classes": entries}
+
+
+def _check_categories(categories: Sequence[str]) -> list[str]:
+  if isinstance(categories, str):
+    categories = [c for c in categories.split(",")]
+  cats = [str(c).strip().lower() for c in categories]
+  if not cats or "" in cats:
+    raise ValueError(f"categories {list(categories)!r}: give one or more non-empty category "
+                     f"names (built-in questions: {sorted(CATEGORY_QUESTIONS)})")
+  dup = sorted({c for c in cats if cats.count(c) > 1})
+  if dup:
+    raise ValueError(f"duplicate categories: {dup}")
+  return cats
 
 
 def _check_class_names(class_names: Sequence[str]) -> list[str]:
@@ -458,7 +709,10 @@ def normalize_attributes(obj: Any, where: str = "attributes") -> dict:
           "fallback": bool(entry.get("fallback", False)), "warning": entry.get("warning")}
     if not classes:
       raise ValueError(f"{where}: 'classes' is empty")
-    return {"model": obj.get("model", "user"), "seed": obj.get("seed"), "classes": classes}
+    out = {"model": obj.get("model", "user"), "seed": obj.get("seed"), "classes": classes}
+    if "mode" in obj:
+      out["mode"] = obj["mode"]
+    return out
   classes = {}
   for cls, attrs in obj.items():
     if not str(cls).strip():

@@ -46,10 +46,18 @@ def _article(word: str) -> str:
   return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+# Categories whose values read on their own in a prompt ("parrot", "side view"); values of
+# other categories get the category appended ("red color", "city street background").
+STANDALONE_CATEGORIES = frozenset({
+    "type", "kind", "kinds", "breed", "species", "variety", "model", "viewpoint", "view",
+    "camera angle", "camera angles", "angle"})
+
+
 def _phrase(category: str, value: str) -> str:
-  """'red' + 'color' -> 'red color'; values that already name the category stay as they are."""
+  """'red' + 'color' -> 'red color'; values that already name the category, and values of
+  STANDALONE_CATEGORIES ('parrot' of 'type', 'side view' of 'viewpoint'), stay as they are."""
   v, c = value.strip(), category.strip()
-  if not c or c.lower() in v.lower():
+  if not c or c.lower() in v.lower() or c.lower() in STANDALONE_CATEGORIES:
     return v
   return f"{v} {c}"
 
