@@ -75,8 +75,13 @@ arms.rankings             comma list of score columns ("" = all columns)
 arms.controls             comma list of control arms: "random", "all"
 arms.add_real             add the real train split to every arm
 model.name                "small_cnn" | "resnet18" | "resnet50" | "vgg" | "vit_tiny" | "vit_small"
+                          | "linear_head" | "mlp_head" (with model.features)
 model.dtype               "float32" | "bfloat16" (compute; params stay float32)
 model.frozen_backbone     train only the head
+model.features            "" (train on images) | "inception_2048" (or _768/_192/_64): train a new
+                          head (model.name "linear_head" | "mlp_head") on the frozen FID
+                          Inception-V3's features, computed once (training/frozen_features.py)
+model.features_cache      where those features are cached ("" = WORKDIR/features)
 optim.name                "sgd" | "adam" | "adamw"
 optim.learning_rate, optim.momentum, optim.weight_decay, optim.schedule ("constant"|"cosine")
 train.modes               comma list: real, synthetic, mixNN (NN = % synthetic), topk:COL,
@@ -199,6 +204,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "small_cnn"
   c.model.dtype = "float32"
   c.model.frozen_backbone = False
+  c.model.features = ""
+  c.model.features_cache = ""
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"

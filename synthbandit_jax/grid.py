@@ -5,7 +5,10 @@
   grid.datasets   comma list of dataset presets (see `DATASETS`): "generated" (MNIST-5k with
                   the pool of the offline generator), "controlled" (MNIST-5k with the
                   controlled pool), "config" (the config's own data and pool as given)
-  grid.models     comma list of classifier names (model.name values)
+  grid.models     comma list of classifier names (model.name values), or presets of
+                  `MODEL_PRESETS`: "inception_frozen" = the frozen FID Inception-V3 with a
+                  new linear head (features computed once, shared by the datasets through
+                  WORKDIR/features), "inception_frozen_mlp" = the same with an MLP head
   grid.modes      comma list of training modes; the metric dimension is the topk:<metric>
                   modes (topk:ssim, topk:psnr, topk:fid_2048, topk:dps, topk:fcs, topk:u...)
   grid.seeds      comma list of training seeds
@@ -37,6 +40,13 @@ from synthbandit_jax import parallel
 from synthbandit_jax import pipeline
 
 UPSTREAM = ("attributes", "generator", "generate", "score")
+
+# grid.models entries that are not plain classifier names: a frozen pretrained backbone
+# with a new head (the paper's classifiers), trained on the backbone's cached features.
+MODEL_PRESETS = {
+    "inception_frozen": {"name": "linear_head", "features": "inception_2048"},
+    "inception_frozen_mlp": {"name": "mlp_head", "features": "inception_2048"},
+}
 
 
 def _csv(s: str) -> list[str]:
@@ -133,7 +143,13 @@ def run_grid(config, workdir: str | Path, *, progress: bool = True,
     for model in models:
       for seed in seeds:
         c = ml_collections.ConfigDict(resolved.to_dict())
-        c.model.name, c.seed, c.train.modes = model, seed, ",".join(modes)
+        c.seed, c.train.modes = seed, ",".join(modes)
+        if model in MODEL_PRESETS:
+          c.model.name = MODEL_PRESETS[model]["name"]
+          c.model.features = MODEL_PRESETS[model]["features"]
+          c.model.features_cache = str(workdir / "features")
+        else:
+          c.model.name = model
         if ds == "controlled" or c.pool.kind == "controlled":
           c.pool.path = str(ds_dir / "pool")  # shared by every run of this dataset
         run_dir = ds_dir / f"{sio.safe_filename(model)}-seed{seed}"

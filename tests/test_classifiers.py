@@ -376,7 +376,13 @@ def test_bfloat16_compute_close_to_float32(name, shared_variables):
 
 def test_build_classifier_registry_and_errors():
   assert set(clf.CLASSIFIER_NAMES) == {"small_cnn", "resnet18", "resnet50",
-                                       "vgg", "vit_tiny", "vit_small"}
+                                       "vgg", "vit_tiny", "vit_small",
+                                       "linear_head", "mlp_head"}
+  head = clf.build_classifier("mlp_head", 4)
+  v = head.init(jax.random.PRNGKey(0), jnp.zeros((2, 16)))
+  assert set(v["params"]) == {"head_hidden", "head"}
+  assert v["params"]["head_hidden"]["kernel"].shape == (16, 256)
+  assert head.apply(v, jnp.ones((2, 16))).shape == (2, 4)
   m = clf.build_classifier("resnet50", 3, dtype=jnp.bfloat16,
                            frozen_backbone=True)
   assert isinstance(m, clf.ResNet)

@@ -70,3 +70,25 @@ def test_grid_dataset_presets_and_errors(tmp_path):
   c.grid.seeds = ""
   with pytest.raises(ValueError, match="grid.seeds"):
     grid.run_grid(c, tmp_path, progress=False, train_fn=_fake_train([]))
+
+
+def test_grid_model_presets_train_a_head_on_frozen_inception(tmp_path):
+  c = grid_config.get_config()
+  assert "inception_frozen" in c.grid.models.split(",")  # in the default grid
+  c.grid.datasets = "config"
+  c.grid.models = "small_cnn,inception_frozen"
+  c.grid.seeds = "0"
+  c.grid.modes = "real"
+  c.pool.kind = "controlled"
+  c.arms.source = "groups"
+  c.data.holdout_fraction = 0.4
+  seen = []
+
+  def train(cfg, run_dir, progress):
+    seen.append((cfg.model.name, cfg.model.features, cfg.model.features_cache))
+    return _fake_train([])(cfg, run_dir, progress)
+
+  result = grid.run_grid(c, tmp_path, progress=False, train_fn=train)
+  assert seen == [("small_cnn", "", ""),
+                  ("linear_head", "inception_2048", str(tmp_path / "features"))]
+  assert {r["model"] for r in result["table"]} == {"small_cnn", "inception_frozen"}

@@ -537,6 +537,39 @@ def vit_small(num_classes: int, **kwargs: Any) -> ViT:
 
 
 # --------------------------------------------------------------------------
+# Heads on frozen backbone features (training/frozen_features.py).
+# --------------------------------------------------------------------------
+
+
+class FeatureHead(nn.Module):
+  """A new classification head on frozen-backbone feature vectors [N, D] (float).
+
+  hidden=0: one linear layer (the paper's "frozen pretrained backbone with a new head");
+  hidden>0: Dense(hidden) - ReLU - Dense. All layers are the head: `frozen_backbone` changes
+  nothing (there is no backbone here; the frozen one ran when the features were computed).
+  """
+
+  num_classes: int
+  hidden: int = 0
+  dtype: Dtype = jnp.float32
+  frozen_backbone: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    del train
+    if x.ndim != 2:
+      raise ValueError(
+          f"{type(self).__name__} expects feature vectors [N, D] (config model.features); got "
+          f"an array of shape {tuple(x.shape)}. Images need an image classifier "
+          "(small_cnn, resnet18, ...).")
+    x = x.astype(self.dtype)
+    if self.hidden:
+      x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, param_dtype=_PARAM_DTYPE,
+                           name="head_hidden")(x))
+    return _head(self.num_classes, self.dtype)(x).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------
 # Registry and utilities.
 # --------------------------------------------------------------------------
 
@@ -548,6 +581,8 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "vgg": (VGGNet, {}),
     "vit_tiny": (ViT, {"hidden_dim": 192, "depth": 12, "num_heads": 3}),
     "vit_small": (ViT, {"hidden_dim": 384, "depth": 12, "num_heads": 6}),
+    "linear_head": (FeatureHead, {"hidden": 0}),
+    "mlp_head": (FeatureHead, {"hidden": 256}),
 }
 
 CLASSIFIER_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -561,7 +596,7 @@ def build_classifier(name: str, num_classes: int, *, dtype: Dtype = jnp.float32,
 
   Args:
     name: one of CLASSIFIER_NAMES ("small_cnn", "resnet18", "resnet50", "vgg",
-      "vit_tiny", "vit_small").
+      "vit_tiny", "vit_small"; "linear_head", "mlp_head" take feature vectors).
     num_classes: number of output logits.
     dtype: compute dtype (params stay float32, logits are float32).
     frozen_backbone: train only the head (see module docstring).

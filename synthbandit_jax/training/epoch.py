@@ -55,7 +55,8 @@ class TrainState:
 
 
 class Bank(NamedTuple):
-  """The training image bank every arm indexes into (uint8 NHWC + int32 labels)."""
+  """The training bank every arm indexes into: uint8 NHWC images (or float32 [N, D]
+  frozen-backbone features) + int32 labels."""
   images: jax.Array
   labels: jax.Array
 
@@ -88,8 +89,11 @@ def make_eval_set(images: np.ndarray, labels: np.ndarray, batch_size: int) -> Ev
 
 
 def to_float(images: jax.Array) -> jax.Array:
-  """uint8 [0, 255] -> float32 [0, 1] (the classifiers' input convention)."""
-  return images.astype(jnp.float32) / 255.0
+  """uint8 images [0, 255] -> float32 [0, 1] (the classifiers' input convention); a float
+  bank (frozen backbone features, training/frozen_features.py) is used as it is."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,

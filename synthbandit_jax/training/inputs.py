@@ -36,6 +36,15 @@ class Inputs:
   scores: scores_lib.ScoreTable | None
   skipped: list[dict]
   pool_root: Path | None
+  # model.features (training/frozen_features.py): the val / test features that replace
+  # val.images / test.images (bank_images then holds the bank's features); None = images.
+  eval_features: dict[str, np.ndarray] | None = None
+
+  def eval_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of "val" or "test": images, or their features (model.features)."""
+    ds = {"val": self.val, "test": self.test}[split]
+    x = ds.images if self.eval_features is None else self.eval_features[split]
+    return x, ds.labels
 
   def counts(self) -> dict[str, int]:
     return {"train": len(self.train), "val": len(self.val), "test": len(self.test),

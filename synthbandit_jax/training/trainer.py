@@ -42,6 +42,7 @@ from synthbandit_jax import parallel
 from synthbandit_jax import report as report_lib
 from synthbandit_jax.models import classifiers
 from synthbandit_jax.training import epoch as epoch_lib
+from synthbandit_jax.training import frozen_features
 from synthbandit_jax.training import inputs as inputs_lib
 from synthbandit_jax.training import optim as optim_lib
 
@@ -224,7 +225,8 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
                                             jnp.zeros(input_shape, jnp.float32), train=False))
   tx = optim_lib.make_optimizer(
       config.optim, probe["params"], steps_per_epoch * epochs,
-      trainable="head" if config.model.frozen_backbone else "all")
+      trainable="head" if (config.model.frozen_backbone and
+                           config.model.name not in frozen_features.HEAD_MODELS) else "all")
   # Host values first: with several processes the state must become a global array
   # (replicated, or split over a model axis: parallel.state_shardings).
   state = parallel.place_state(
@@ -232,9 +234,9 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   state_sharding = parallel.state_shardings(state, mesh)
 
   repl = parallel.replicated(mesh)
-  val_set = jax.device_put(epoch_lib.make_eval_set(inputs.val.images, inputs.val.labels,
-                                                   eval_batch_size), repl)
-  test_set = jax.device_put(epoch_lib.make_eval_set(inputs.test.images, inputs.test.labels,
+  val_x, val_y = inputs.eval_arrays("val")
+  val_set = jax.device_put(epoch_lib.make_eval_set(val_x, val_y, eval_batch_size), repl)
+  test_set = jax.device_put(epoch_lib.make_eval_set(*inputs.eval_arrays("test"),
                                                     eval_batch_size), repl)
   arm_arrays = jax.device_put(epoch_lib.ArmArrays(arms.indices, arms.mask), repl)
   eval_fn = epoch_lib.make_eval_fn(model, mesh)
@@ -249,7 +251,7 @@ def train_mode(config, inputs: inputs_lib.Inputs, mode: str, run_dir: str | Path
   else:
     streamer = epoch_lib.HostStreamingEpoch(spec, prefetch=int(config.data.prefetch))
     run_epoch = lambda st: streamer(st, inputs.bank_images, inputs.bank_labels, arm_arrays,
-                                    inputs.val.images, inputs.val.labels, eval_batch_size)
+                                    val_x, val_y, eval_batch_size)
 
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, keep=int(config.checkpoint.keep))
   history: dict[str, list] = {"epochs": []}
@@ -387,6 +389,11 @@ def run(config, workdir: str | Path, *, overwrite: bool = False, resume: bool = 
   t0 = time.perf_counter()
   if inputs is None:
     inputs = inputs_lib.prepare_inputs(config, workdir, progress=progress)
+  features = str(config.model.get("features", "") or "")
+  frozen_features.check_model_features(str(config.model.name), features)
+  if features and inputs.eval_features is None:
+    cache = str(config.model.get("features_cache", "") or "") or str(workdir / "features")
+    inputs = frozen_features.feature_inputs(config, inputs, cache, progress=progress)
   if inputs.skipped:
     logging.warning("%d unreadable files were skipped: %s", len(inputs.skipped),
                     [s.get("path") for s in inputs.skipped[:10]])
