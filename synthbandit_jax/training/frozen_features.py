@@ -17,9 +17,9 @@ hidden layer). `feature_inputs` turns the training `Inputs` into the same `Input
 val and test images are float32 feature vectors [N, D]; the epoch function uses float
 banks as they are (uint8 banks are images, scaled to [0, 1]).
 
-Features are cached per array under `cache_dir` (default WORKDIR/features), keyed by the
-extractor's fingerprint and a sha256 of the image bytes, so the grid's datasets that share
-the real splits compute them once and a resumed run reads them back.
+Features are cached per image under `cache_dir` (default WORKDIR/features), keyed by the
+extractor's fingerprint and a sha1 of the image bytes, so an image is computed once however
+many splits, datasets (the grid's share the real images) or runs it appears in.
 """
 from __future__ import annotations
 
@@ -68,36 +68,62 @@ def _extractor(config, features: str):
                                           dtype=dtype, taps=(FEATURES[features],))
 
 
-def _key(extractor, images: np.ndarray) -> str:
-  h = hashlib.sha256()
-  h.update(extractor.fingerprint.encode())
-  h.update(repr((images.shape, str(images.dtype))).encode())
-  h.update(np.ascontiguousarray(images).tobytes())
-  return h.hexdigest()[:24]
+def _image_keys(images: np.ndarray) -> np.ndarray:
+  """sha1 of each image's bytes (and shape, dtype) as 20-byte keys [N]."""
+  tag = repr((images.shape[1:], str(images.dtype))).encode()
+  return np.array([hashlib.sha1(tag + np.ascontiguousarray(im).tobytes()).digest()
+                   for im in images], dtype="S20")
 
 
-def cached_features(extractor, tap: str, images: np.ndarray, cache_dir: Path, what: str, *,
-                    progress: bool = False) -> np.ndarray:
-  """float32 [N, D] features of uint8 images [N, H, W, C], read from or written to
-  cache_dir/<what>-<key>.npz (atomic)."""
-  from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
-  path = Path(cache_dir) / f"{sio.safe_filename(what)}-{_key(extractor, images)}.npz"
-  if path.exists():
+def _read_store(store: Path) -> dict[bytes, np.ndarray]:
+  known: dict[bytes, np.ndarray] = {}
+  for f in sorted(store.glob("*.npz")):
     try:
-      with np.load(path) as z:
-        feats = z["features"]
-      if feats.shape[0] == len(images):
-        return feats
-      log.warning("feature cache %s has %d rows for %d images; recomputing", path,
-                  feats.shape[0], len(images))
+      with np.load(f) as z:
+        keys, feats = z["keys"], z["features"]
+      if len(keys) != len(feats):
+        raise ValueError(f"{len(keys)} keys for {len(feats)} rows")
     except (OSError, ValueError, KeyError) as e:
-      log.warning("ignoring unreadable feature cache %s (%s)", path, e)
-  out = features_lib.extract_arrays(extractor, images, nonfinite="raise", progress=progress)
-  feats = np.asarray(out[tap], np.float32)
+      log.warning("ignoring unreadable feature cache shard %s (%s)", f, e)
+      continue
+    known.update(zip(keys.tolist(), feats))
+  return known
+
+
+def cached_features(extractor, tap: str, images: np.ndarray, cache_dir: str | Path, *,
+                    progress: bool = False) -> np.ndarray:
+  """float32 [N, D] features of uint8 images [N, H, W, C] through a per-image cache.
+
+  The cache is a directory per (tap, extractor fingerprint) under `cache_dir` holding .npz
+  shards of {keys: sha1 of the image bytes, features}; images already there (from any
+  earlier call: another split, dataset or run) are not recomputed, duplicates are computed
+  once, and the new ones are added as one more shard (written atomically, by process 0).
+  """
   from synthbandit_jax import parallel  # pylint: disable=g-import-not-at-top
-  if parallel.is_main_process():  # every process computed the same features
-    sio.atomic_save_npz(path, features=feats)
-  return feats
+  from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
+  store = Path(cache_dir) / f"{sio.safe_filename(tap)}-{extractor.fingerprint[:16]}"
+  keys = _image_keys(images)
+  known = _read_store(store) if store.exists() else {}
+  todo = {}
+  for i, k in enumerate(keys.tolist()):
+    if k not in known and k not in todo:
+      todo[k] = i
+  if todo:
+    rows = np.fromiter(todo.values(), np.int64, len(todo))
+    log.info("features %s: %d of %d images not cached yet (%s)", tap, len(rows), len(images),
+             store)
+    out = features_lib.extract_arrays(extractor, images[rows], nonfinite="raise",
+                                      progress=progress)
+    new = np.asarray(out[tap], np.float32)
+    new_keys = keys[rows]
+    if parallel.is_main_process():  # every process computed the same features
+      name = hashlib.sha1(b"".join(sorted(new_keys.tolist()))).hexdigest()[:16]
+      sio.atomic_save_npz(store / f"{name}.npz", keys=new_keys, features=new)
+    known.update(zip(new_keys.tolist(), new))
+  if not len(images):
+    dim = next(iter(extractor.feature_dims(images.shape[1:]).values()))
+    return np.zeros((0, dim), np.float32)
+  return np.stack([known[k] for k in keys.tolist()]).astype(np.float32, copy=False)
 
 
 def feature_inputs(config, inputs: Any, cache_dir: str | Path, *, progress: bool = True) -> Any:
@@ -112,7 +138,7 @@ def feature_inputs(config, inputs: Any, cache_dir: str | Path, *, progress: bool
   n_pool = inputs.layout.num_pool
   parts = {"pool": inputs.bank_images[:n_pool], "train": inputs.bank_images[n_pool:],
            "val": inputs.val.images, "test": inputs.test.images}
-  feats = {k: cached_features(extractor, tap, v, cache_dir, f"{features}-{k}", progress=progress)
+  feats = {k: cached_features(extractor, tap, v, cache_dir, progress=progress)
            for k, v in parts.items()}
   bank = np.concatenate([feats["pool"], feats["train"]])
   log.info("model.features=%s: %d bank, %d val, %d test images -> %d-d features (%s)",
