@@ -82,6 +82,7 @@ model.features            "" (train on images) | "inception_2048" (or _768/_192/
                           head (model.name "linear_head" | "mlp_head") on the frozen FID
                           Inception-V3's features, computed once (training/frozen_features.py)
 model.features_cache      where those features are cached ("" = WORKDIR/features)
+model.features_size       the backbone's input side in pixels (0 = 299, its own; >= 75)
 optim.name                "sgd" | "adam" | "adamw"
 optim.learning_rate, optim.momentum, optim.weight_decay, optim.schedule ("constant"|"cosine")
 train.modes               comma list: real, synthetic, mixNN (NN = % synthetic), topk:COL,
@@ -206,6 +207,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.frozen_backbone = False
   c.model.features = ""
   c.model.features_cache = ""
+  c.model.features_size = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "sgd"

@@ -53,6 +53,14 @@ def test_extractor_is_the_fid_inception_tap():
   ext = ff._extractor(c, "inception_768")  # pylint: disable=protected-access
   assert ext.name.startswith("inception_v3_fid(taps=mixed_6e_768,")
   assert ext.feature_dims((8, 8, 1)) == {"mixed_6e_768": 768}
+  c.model.features_size = 96
+  small = ff._extractor(c, "inception_2048")  # pylint: disable=protected-access
+  assert "input_size=96" in small.name and small.fingerprint != ext.fingerprint
+  feats = features_lib.extract_arrays(small, np.zeros((2, 8, 8, 1), np.uint8))
+  assert feats["pool_2048"].shape == (2, 2048) and np.isfinite(feats["pool_2048"]).all()
+  c.model.features_size = 60
+  with pytest.raises(ValueError, match="75"):
+    ff._extractor(c, "inception_2048")  # pylint: disable=protected-access
 
 
 def _pixel_extractor(config, features):

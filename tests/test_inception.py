@@ -163,10 +163,17 @@ def test_resize_matches_torch_references():
     assert np.abs(ours_torch - ours_tf).max() > 1e-2  # the two conventions do differ
 
 
-def test_model_rejects_wrong_size():
+def test_model_rejects_too_small_or_wrong_channels_and_runs_other_sizes():
   model = inception.InceptionV3FID()
-  with pytest.raises(ValueError, match="299"):
-    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  for shape in ((1, 74, 74, 3), (1, 299, 299, 4), (299, 299, 3)):
+    with pytest.raises(ValueError, match="299"):
+      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))
+  # Sizes other than FID's 299 run (frozen-backbone features): every tap is a spatial mean.
+  v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 75, 75, 3)))
+  out = jax.eval_shape(lambda v_, x: model.apply(v_, x), v, jnp.zeros((2, 139, 139, 3)))
+  assert {k: o.shape for k, o in out.items()} == {
+      "pool_64": (2, 64), "pool_192": (2, 192), "mixed_6e_768": (2, 768),
+      "pool_2048": (2, 2048)}
 
 
 # --------------------------------------------------------------------------

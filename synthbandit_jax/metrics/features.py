@@ -755,7 +755,8 @@ def extract_pool_cached(extractor: FeatureExtractor, pool_root: str | os.PathLik
 
 def inception_extractor(params: Any = None, *, batch_size: int = 64, dtype: Any = jnp.float32,
                         taps: Sequence[str] = DEFAULT_INCEPTION_TAPS, mesh: Mesh | None = None,
-                        resize: str = "tf", precision: Any = None) -> FeatureExtractor:
+                        resize: str = "tf", precision: Any = None,
+                        input_size: int | None = None) -> FeatureExtractor:
   """A FeatureExtractor for the FID Inception-V3 taps.
 
   Args:
@@ -767,6 +768,9 @@ def inception_extractor(params: Any = None, *, batch_size: int = 64, dtype: Any 
     mesh: default all local devices.
     resize: "tf" (NVlabs / fid-helper) or "torch" (pytorch-fid), see `inception.preprocess`.
     precision: convolution precision (e.g. jax.lax.Precision.HIGHEST).
+    input_size: the side the images are resized to (default 299, the network's own and the
+      one FID is defined at). Any size >= 75 works (the taps are spatial means): smaller
+      inputs cost ~(size / 299)^2 of the compute, for a frozen backbone on small images.
   """
   from synthbandit_jax.models import inception as inc  # pylint: disable=import-outside-toplevel
   if params is None:
@@ -787,14 +791,20 @@ def inception_extractor(params: Any = None, *, batch_size: int = 64, dtype: Any 
         "(the fid-helper TorchScript file has none); drop it from taps or load params with fc")
   if not with_logits:
     params = {k: v for k, v in params.items() if k != "fc"}
+  size = inc.INPUT_SIZE if input_size is None else int(input_size)
+  if size < inc.MIN_INPUT_SIZE:
+    raise ValueError(f"inception_extractor input_size={input_size}: Inception-V3 needs >= "
+                     f"{inc.MIN_INPUT_SIZE} pixels (its stem and reductions shrink the map "
+                     "to 1x1 there)")
   model = inc.InceptionV3FID(with_logits=with_logits, dtype=dtype, precision=precision)
 
   def apply_fn(p, images):
-    out = model.apply({"params": p}, inc.preprocess(images, resize=resize))
+    out = model.apply({"params": p}, inc.preprocess(images, resize=resize, size=size))
     return {t: out[t] for t in taps}
 
   name = (f"inception_v3_fid(taps={','.join(taps)},dtype={jnp.dtype(dtype).name},"
-          f"resize={resize},precision={precision})")
+          f"resize={resize},precision={precision}"
+          + ("" if size == inc.INPUT_SIZE else f",input_size={size}") + ")")
   return FeatureExtractor(apply_fn, params, batch_size=batch_size, mesh=mesh, name=name)
 
 

@@ -52,6 +52,7 @@ from synthbandit_jax.models import resample
 Dtype = Any
 
 INPUT_SIZE = 299
+MIN_INPUT_SIZE = 75  # the smallest input the stem and the two reductions leave a map for
 TAPS = ("pool_64", "pool_192", "mixed_6e_768", "pool_2048")
 LOGITS_TAP = "logits_1008"
 NUM_LOGITS = 1008
@@ -216,7 +217,8 @@ class InceptionV3FID(nn.Module):
   """Inference-only FID Inception-V3; returns a dict of spatially averaged taps.
 
   Input: float NHWC images of shape [N, 299, 299, 3] already in the network's value
-  range (see `preprocess`). Output (all float32):
+  range (see `preprocess`); other sizes >= 75 run too (every tap is a spatial mean), but
+  FID and the imported weights' statistics are defined at 299. Output (all float32):
 
     "pool_64":      [N, 64]   first max-pool (73x73), spatially averaged;
     "pool_192":     [N, 192]  second max-pool (35x35), spatially averaged;
@@ -237,11 +239,12 @@ class InceptionV3FID(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-    if x.ndim != 4 or tuple(x.shape[1:]) != (INPUT_SIZE, INPUT_SIZE, 3):
+    if x.ndim != 4 or x.shape[3] != 3 or min(x.shape[1:3]) < MIN_INPUT_SIZE:
       raise ValueError(
           f"InceptionV3FID expects NHWC images of shape [N, {INPUT_SIZE}, {INPUT_SIZE}, 3] "
-          f"in the range (u - 128) / 128; got {tuple(x.shape)}. Use "
-          "synthbandit_jax.models.inception.preprocess on uint8 images first.")
+          f"(FID's size; any H, W >= {MIN_INPUT_SIZE} run) in the range (u - 128) / 128; "
+          f"got {tuple(x.shape)}. Use synthbandit_jax.models.inception.preprocess on uint8 "
+          "images first.")
     kw = dict(dtype=self.dtype, precision=self.precision)
     x = x.astype(self.dtype)
     taps = {}

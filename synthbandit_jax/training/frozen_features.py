@@ -12,7 +12,8 @@ FID Inception-V3 runs at ~10-30 images/s; the head trains at thousands).
   "inception_2048"   the FID Inception-V3's 2048-d pool features (the offline asset), also
   "inception_768" / "inception_192" / "inception_64"   its earlier taps (spatially averaged)
 
-with `model.name` one of `HEAD_MODELS` ("linear_head": a new linear layer; "mlp_head": one
+at `model.features_size` pixels (0 = 299, the network's own size; any size >= 75 works, at
+~(size / 299)^2 of the cost), with `model.name` one of `HEAD_MODELS` ("linear_head": a new linear layer; "mlp_head": one
 hidden layer). `feature_inputs` turns the training `Inputs` into the same `Inputs` whose bank,
 val and test images are float32 feature vectors [N, D]; the epoch function uses float
 banks as they are (uint8 banks are images, scaled to [0, 1]).
@@ -64,8 +65,10 @@ def _extractor(config, features: str):
     params = inception_import.cached_inception_params(weights)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[str(config.score.dtype)]
+  size = int(config.model.get("features_size", 0) or 0) or None
   return features_lib.inception_extractor(params, batch_size=int(config.score.batch_size),
-                                          dtype=dtype, taps=(FEATURES[features],))
+                                          dtype=dtype, taps=(FEATURES[features],),
+                                          input_size=size)
 
 
 def _image_keys(images: np.ndarray) -> np.ndarray:
