@@ -1,4 +1,10 @@
-"""The generation stage: prompts.jsonl -> pool, resumable, device-count independent."""
+"""The generation stage: prompts.jsonl -> pool, resumable, device-count independent.
+
+Cost: each jitted sampler is one XLA compilation (~10 s on 2 CPU cores) per Pipeline object
+and batch shape, so the in-process runs share one loaded pipeline (`pipe`, what
+run_generation itself loads from the same directory) and mostly one batch shape (8); the
+loading path of run_generation (generate.model) runs in the subprocess tests.
+"""
 from __future__ import annotations
 
 import json
@@ -32,7 +38,7 @@ def _config(workdir: Path, model: Path, **over):
   c = demo.get_config()
   g = c.generate
   g.model, g.steps, g.sampler, g.guidance_scale = str(model), 3, "ddim", 5.0
-  g.batch_size, g.shard_size = 4, 4
+  g.batch_size, g.shard_size = 8, 4  # batch 8: the shape of the `ref8` pool's jitted call
   for k, v in over.items():
     setattr(g, k, v)
   return c
@@ -59,10 +65,33 @@ def _images(pool_dir: Path) -> dict[str, np.ndarray]:
   return {r["id"]: img for r, img in zip(p.rows, p.images)}
 
 
-def test_generate_resume_and_refuse_changes(sd_dir, tmp_path):
+@pytest.fixture(name="pipe", scope="module")
+def _pipe(sd_dir):
+  """The pipeline run_generation loads from sd_dir (generate.dtype float32), loaded once so
+  that in-process runs reuse its compiled sampler."""
+  return diffusion.load_pipeline(sd_dir)
+
+
+@pytest.fixture(name="ref8", scope="module")
+def _ref8(sd_dir, pipe, tmp_path_factory):
+  """The images of 8 prompts from one process on one device, in one batch of 8."""
+  wd = tmp_path_factory.mktemp("ref8")
+  _write_prompts(wd, 8)
+  s = stage.run_generation(_config(wd, sd_dir, batch_size=8, shard_size=8), wd,
+                           progress=False, pipeline=pipe)
+  assert (s["devices"], s["processes"], s["generated"]) == (1, 1, 8)
+  return _images(wd / "pool")
+
+
+def _max_diff(a: dict, b: dict) -> int:
+  assert a.keys() == b.keys()
+  return max(int(np.abs(a[k].astype(int) - b[k].astype(int)).max()) for k in a)
+
+
+def test_generate_resume_and_refuse_changes(sd_dir, pipe, tmp_path):
   wd = tmp_path / "run"
   _write_prompts(wd, 6)
-  s = stage.run_generation(_config(wd, sd_dir), wd, progress=False)
+  s = stage.run_generation(_config(wd, sd_dir), wd, progress=False, pipeline=pipe)
   assert (s["generated"], s["shards"], s["shards_written"], s["complete"]) == (6, 2, 2, True)
   pool = pool_lib.read_pool(wd / "pool")
   assert [r["id"] for r in pool.rows] == [r["id"] for r in _rows(6)]
@@ -77,23 +106,22 @@ def test_generate_resume_and_refuse_changes(sd_dir, tmp_path):
   # Interrupted after shard 0: only shard 1 is redone, and it comes out the same.
   (wd / "pool" / "metadata" / "shard_00001.jsonl").unlink()
   (wd / "pool" / "metadata.jsonl").unlink()
-  s = stage.run_generation(_config(wd, sd_dir), wd, progress=False)
+  s = stage.run_generation(_config(wd, sd_dir), wd, progress=False, pipeline=pipe)
   assert (s["generated"], s["shards_written"], s["complete"]) == (2, 1, True)
   again = _images(wd / "pool")
   assert all(np.array_equal(first[k], again[k]) for k in first)
 
   with pytest.raises(ValueError, match=r"steps: 3 -> 4"):
-    stage.run_generation(_config(wd, sd_dir, steps=4), wd, progress=False)
+    stage.run_generation(_config(wd, sd_dir, steps=4), wd, progress=False, pipeline=pipe)
 
 
-def test_images_do_not_depend_on_batching(sd_dir, tmp_path):
-  a, b = tmp_path / "a", tmp_path / "b"
-  for wd in (a, b):
-    _write_prompts(wd, 5)
-  stage.run_generation(_config(a, sd_dir, batch_size=4, shard_size=4), a, progress=False)
-  stage.run_generation(_config(b, sd_dir, batch_size=1, shard_size=5), b, progress=False)
-  ia, ib = _images(a / "pool"), _images(b / "pool")
-  diff = max(int(np.abs(ia[k].astype(int) - ib[k].astype(int)).max()) for k in ia)
+def test_images_do_not_depend_on_batching(sd_dir, pipe, ref8, tmp_path):
+  """One image per call (shards of 5 and 3) against `ref8` (all 8 in one call)."""
+  wd = tmp_path / "b"
+  _write_prompts(wd, 8)
+  stage.run_generation(_config(wd, sd_dir, batch_size=1, shard_size=5), wd, progress=False,
+                       pipeline=pipe)
+  diff = _max_diff(ref8, _images(wd / "pool"))
   assert diff <= 1, diff  # at most one 8-bit level of float rounding between batch shapes
 
 
@@ -113,19 +141,20 @@ print(json.dumps(s["devices"]))
 """
 
 
-def test_one_vs_eight_devices(sd_dir, tmp_path):
-  out = {}
-  for n in (1, 8):
-    wd = tmp_path / f"dev{n}"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, "-c", _MULTI.format(root=str(ROOT), n=n, wd=str(wd),
-                                             model=str(sd_dir))],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out[n] = _images(wd / "pool")
-  diff = max(int(np.abs(out[1][k].astype(int) - out[8][k].astype(int)).max()) for k in out[1])
+def test_one_vs_eight_devices(sd_dir, ref8, tmp_path):
+  """A process with 8 devices (batch 8 split 8 ways) against `ref8` (1 device, the same
+  batch of 8, made in this process)."""
+  n = 8
+  wd = tmp_path / f"dev{n}"
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-c", _MULTI.format(root=str(ROOT), n=n, wd=str(wd),
+                                           model=str(sd_dir))],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == str(n)  # s["devices"]
+  diff = _max_diff(ref8, _images(wd / "pool"))
   assert diff <= 1, diff
 
 
@@ -219,30 +248,32 @@ emit({{k: s[k] for k in ("generated", "shards", "shards_written", "complete")}})
 """
 
 
-def test_two_processes_split_the_shards_and_resume_per_host(sd_dir, tmp_path):
+def test_two_processes_split_the_shards_and_resume_per_host(sd_dir, ref8, tmp_path):
   """Two JAX processes (as two hosts) generate one pool: each writes its own shards, the
-  pool has every id exactly once and the images of a single-process run; a host that lost
-  a shard redoes only that shard."""
+  pool has every id exactly once and the images of a single-process run (`ref8`; batches
+  of 2 here, of 8 there: the same one-level float rounding allowance as between any two
+  batchings); a host that lost a shard redoes only that shard."""
   from tests import multihost  # pylint: disable=import-outside-toplevel
-  ref, wd = tmp_path / "one", tmp_path / "two"
-  for w in (ref, wd):
-    _write_prompts(w, 8)
-  stage.run_generation(_config(ref, sd_dir, batch_size=2, shard_size=2), ref, progress=False)
+  wd = tmp_path / "two"
+  _write_prompts(wd, 8)
   script = _TWO_PROCESSES.format(wd=str(wd), model=str(sd_dir))
-  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300)
+  # A persistent XLA cache shared by both runs: the resumed run reuses the first run's
+  # compiled sampler instead of compiling it again (same program, same executable).
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300, env=env)
   # 4 shards: process p takes shards s % 2 == p.
   assert [o["shards_written"] for o in out] == [2, 2]
   assert [o["generated"] for o in out] == [4, 4]
   assert all(o["complete"] for o in out)
   rows = [json.loads(l) for l in (wd / "pool" / "metadata.jsonl").read_text().splitlines()]
   assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in _rows(8))  # no gap, no dup
-  a, b = _images(ref / "pool"), _images(wd / "pool")
+  a, b = ref8, _images(wd / "pool")
   assert a.keys() == b.keys()
   assert max(int(np.abs(a[k].astype(int) - b[k].astype(int)).max()) for k in a) <= 1
   # Process 1 "crashed" before finishing shard 3 (its metadata file marks it done).
   (wd / "pool" / "metadata" / "shard_00003.jsonl").unlink()
   (wd / "pool" / "metadata.jsonl").unlink()
-  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300)
+  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300, env=env)
   assert [o["shards_written"] for o in out] == [0, 1]
   assert all(o["complete"] for o in out)
   c = _images(wd / "pool")
