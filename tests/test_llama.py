@@ -18,6 +18,7 @@ import pytest
 
 from synthbandit_jax.models import llama
 from synthbandit_jax.weights import llama_import as li
+from tests import gguf_once
 
 _HAVE_TF = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 _HAVE_GGUF = importlib.util.find_spec("gguf") is not None
@@ -133,14 +134,24 @@ def test_unpermute_inverts_llama_cpp_permutation():
 
 
 def _random_params(config: llama.LlamaConfig, seed: int = 0):
-  params = llama.Llama(config).init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+  # The module's own parameter tree (eval_shape: traced, not run), filled from numpy: a
+  # jax.random draw per distinct leaf shape is one XLA compile each (~1 s on 2 cores).
+  shapes = jax.eval_shape(lambda: llama.Llama(config).init(
+      jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
   # Larger weights than the 0.02 init, so logits are O(1) and argmax is not a coin flip;
   # norm scales around 1.
-  leaves, tree = jax.tree_util.tree_flatten_with_path(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  new = [jax.random.normal(k, x.shape) * 0.3 + (1.0 if path[-1].key == "scale" else 0.0)
-         for k, (path, x) in zip(keys, leaves)]
+  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed + 1)
+  new = [jnp.asarray(rng.normal(0.0, 0.3, x.shape).astype(np.float32)
+                     + (1.0 if path[-1].key == "scale" else 0.0))
+         for path, x in leaves]
   return jax.tree.unflatten(tree, new)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_forward(config: llama.LlamaConfig):
+  """One jitted full forward per config (shared by every reference loop)."""
+  return jax.jit(functools.partial(llama.forward, config=config))
 
 
 _CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -151,7 +162,7 @@ _CFG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, nu
 def test_kv_cache_decoding_equals_full_forward():
   params = _random_params(_CFG)
   tokens, mask = _padded_batch(np.random.default_rng(2), vocab=64, t=12)
-  full = np.asarray(llama.forward(params, _CFG, tokens, mask))
+  full = np.asarray(_jit_forward(_CFG)(params, tokens=tokens, mask=mask))
   apply = jax.jit(llama.Llama(_CFG).apply)
   pos = _positions(mask)
   cache = llama.init_cache(_CFG, 3, 16)
@@ -167,7 +178,7 @@ def test_kv_cache_decoding_equals_full_forward():
 def _argmax_loop(params, config, prompt, n):
   """Reference: re-runs the full forward each step (sequence right-padded to a fixed length,
   so one compile serves all steps and rows)."""
-  fwd = jax.jit(functools.partial(llama.forward, config=config))
+  fwd = _jit_forward(config)
   size = 32
   seq = list(prompt)
   for _ in range(n):
@@ -217,7 +228,7 @@ def test_sampling_top_p_and_rng():
 @pytest.mark.skipif(not (_HAVE_TF and _HAVE_GGUF),
                     reason="SmolLM2 parity needs torch, transformers and gguf "
                     "(pip install gguf 'transformers>=5')")
-def test_smollm2_gguf_greedy_matches_transformers():
+def test_smollm2_gguf_greedy_matches_transformers(monkeypatch):
   import torch
   from transformers import AutoTokenizer
   from transformers import LlamaConfig as HFConfig
@@ -229,6 +240,9 @@ def test_smollm2_gguf_greedy_matches_transformers():
     path = str(assets.fetch("smollm2_135m_q4_1"))
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"SmolLM2 GGUF asset unavailable: {e}")
+  # Our reader, transformers' config + tensor reader and its tokenizer parse the file once
+  # between them (not four times, ~8 s each); see tests/gguf_once.py.
+  gguf_once.parse_once(monkeypatch)
   config, params = li.load_gguf(path)
   assert (config.rope_theta, config.tie_word_embeddings) == (100000.0, True)
   assert (config.num_layers, config.num_heads, config.num_kv_heads) == (30, 9, 3)
