@@ -93,19 +93,22 @@ def test_epoch_matches_stepwise_reference():
   state_a = s["state"]
   state_b = s["state"]
   step = jax.jit(lambda st, x, y, m: E.train_step(s["net"], s["tx"], st, x, y, m))
+  # Each piece jitted on its own (op-by-op dispatch compiles every primitive separately).
+  plan = jax.jit(lambda st, a: E.plan_epoch(s["bandit"], st, a, 8))
+  evaluate = jax.jit(lambda p, bs, v: E.evaluate(s["net"], p, bs, v))
+  finish = jax.jit(lambda st, arm, acc, n: E.finish_epoch(
+      s["bandit"], bandits.reward_fn("accuracy"), st, arm, acc, n))
   for _ in range(4):
     state_a, metrics = epoch(state_a, s["bank"], s["arm_arrays"], s["val"])
     # Reference: plan, then train only the active batches, then eval + finish.
-    state_b, arm, bidx, lmask, n_steps, n_img = E.plan_epoch(s["bandit"], state_b,
-                                                             s["arm_arrays"], 8)
+    state_b, arm, bidx, lmask, n_steps, n_img = plan(state_b, s["arm_arrays"])
     losses = []
     for i in range(int(n_steps)):
       state_b, (l, c, n) = step(state_b, s["bank"].images[bidx[i]], s["bank"].labels[bidx[i]],
                                 lmask[i])
       losses.append(float(l))
-    acc = E.evaluate(s["net"], state_b.params, state_b.batch_stats, s["val"])
-    state_b, reward = E.finish_epoch(s["bandit"], bandits.reward_fn("accuracy"), state_b,
-                                     arm, acc, n_img)
+    acc = evaluate(state_b.params, state_b.batch_stats, s["val"])
+    state_b, reward = finish(state_b, arm, acc, n_img)
     assert int(metrics["arm"]) == int(arm)
     assert int(metrics["steps"]) == int(n_steps)
     np.testing.assert_allclose(float(metrics["val_accuracy"]), float(acc), atol=1e-6)
@@ -141,8 +144,9 @@ def test_masked_batch_entries_carry_no_gradient():
   # Replace the masked entries by garbage: the update must not change.
   x2 = x.at[5:].set(255)
   y2 = y.at[5:].set(0)
-  a, (la, _, na) = E.train_step(s["net"], s["tx"], st, x, y, mask)
-  b, (lb, _, nb) = E.train_step(s["net"], s["tx"], st, x2, y2, mask)
+  step = jax.jit(lambda st, x, y, m: E.train_step(s["net"], s["tx"], st, x, y, m))  # 1 compile
+  a, (la, _, na) = step(st, x, y, mask)
+  b, (lb, _, nb) = step(st, x2, y2, mask)
   assert float(na) == float(nb) == 5.0
   np.testing.assert_allclose(float(la), float(lb), rtol=1e-6)
   for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
@@ -194,9 +198,18 @@ _MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(scope="module")
+def xla_cache_env(tmp_path_factory):
+  """Env of this module's 8-device subprocesses: a persistent XLA cache they share (the
+  small_cnn inits' random draws compile once; later processes load the same executables)."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 @pytest.mark.parametrize("model", [dict(model="small_cnn"),
                                    dict(model="resnet18", width=8)])  # BatchNorm
-def test_eight_devices_match_one(model):
+def test_eight_devices_match_one(model, xla_cache_env):
   """Data parallel over 8 devices = 1 device up to float reassociation.
 
   Tolerance: the same arms, val accuracies to 1e-6, losses to rtol 2e-4, and the final
@@ -204,7 +217,7 @@ def test_eight_devices_match_one(model):
   statistics included, and 4 epochs of SGD with momentum carry that forward).
   """
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", **xla_cache_env)
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE.format(root=str(ROOT),
                                                                     model=model)],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -256,12 +269,12 @@ _MODEL_AXIS = textwrap.dedent("""
 """)
 
 
-def test_model_axis_matches_pure_data_parallel():
+def test_model_axis_matches_pure_data_parallel(xla_cache_env):
   """On 8 devices as (8) and (4 data x 2 model): the state split over the model
   axis trains to the same result (up to float reassociation), keeps its shardings from
   epoch to epoch (no retrace), on both input paths."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", **xla_cache_env)
   proc = subprocess.run([sys.executable, "-c", _MODEL_AXIS.format(root=str(ROOT))],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
