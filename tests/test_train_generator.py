@@ -10,10 +10,16 @@ trains on 8 synthetic two-class images, so every step sees the same fixed batch.
   images of the right shape; diffusers' StableDiffusionPipeline loads it too and makes the
   same images from the same latents (float32, max abs error < 1e-4 on [0, 1] images);
 * resume: a run stopped twice (mid-VAE, mid-UNet) and rerun gives exactly the params of one
-  uninterrupted run (bitwise equal; every random draw is a function of (seed, phase, step));
+  uninterrupted run, the `trained` one (bitwise equal; every random draw is a function of
+  (seed, phase, step));
 * a finished directory is not retrained; a changed config is refused naming the field, both
   for a finished directory and for a checkpoint.
 Skips when CLIP's BPE vocabulary (offline asset) is unavailable.
+
+Cost: almost all of it is XLA compilation (the VAE and UNet training steps, ~1 min on 2 CPU
+cores, shared by every config of this architecture; the sampler, ~15 s per SampleSettings),
+not steps (~10 ms each). So one trained directory, loaded once (`loaded`), serves every test,
+and the two sampling tests use the same settings and batch shape.
 """
 from __future__ import annotations
 
@@ -39,8 +45,10 @@ TINY = tg.GeneratorConfig(
     unet_norm_num_groups=4, text_hidden_size=16, text_num_layers=1, text_num_heads=2,
     text_intermediate_size=32, unet_steps=150, unet_batch_size=8, unet_learning_rate=1e-2,
     warmup_steps=2, checkpoint_every=50, ema_decay=0.9)
-# The resume test: fewer steps, a checkpoint interval that the stops do not fall on.
+# Input-validation tests that never train.
 SHORT = dataclasses.replace(TINY, vae_steps=5, unet_steps=7, checkpoint_every=3)
+# One sampler compilation for both sampling tests: the same settings, 3 prompts.
+SETTINGS = diffusion.SampleSettings(sampler="ddim", steps=3, guidance_scale=3.0)
 
 
 @pytest.fixture(name="bpe", scope="module")
@@ -81,6 +89,13 @@ def _trained(bpe, tmp_path_factory):
   return out, _train(out, TINY, bpe)
 
 
+@pytest.fixture(name="loaded", scope="module")
+def _loaded(trained):
+  """The trained directory through `diffusion.load_pipeline` (one Pipeline: its compiled
+  sampler is shared)."""
+  return diffusion.load_pipeline(trained[0])
+
+
 def test_training_lowers_the_probe_losses(trained):
   _, s = trained
   print({k: v for k, v in s.items() if k.startswith("probe_")})
@@ -92,13 +107,13 @@ def test_training_lowers_the_probe_losses(trained):
   assert len(s["vae_losses"]) == TINY.vae_steps and len(s["unet_losses"]) == TINY.unet_steps
 
 
-def test_saved_pipeline_loads_and_generates(trained):
+def test_saved_pipeline_loads_and_generates(trained, loaded):
   out, s = trained
   assert not (out.parent / (out.name + "_work")).exists()  # the work dir is cleaned up
-  pipe = diffusion.load_pipeline(out)
+  pipe = loaded
   assert pipe.vae_config.scaling_factor == pytest.approx(s["scaling_factor"], rel=1e-12)
   assert pipe.unet_config == TINY.unet_config()
-  settings = diffusion.SampleSettings(sampler="ddim", steps=4, guidance_scale=3.0)
+  settings = SETTINGS
   assert pipe.latent_shape(settings) == (4, 4, 4)
   noise = diffusion.image_noise(0, ["a", "b", "c"], pipe.latent_shape(settings))
   images = pipe.generate(["a photo of a zero", "a photo of a one", ""], noise,
@@ -107,17 +122,17 @@ def test_saved_pipeline_loads_and_generates(trained):
   assert float(images.std()) > 1e-3
 
 
-def test_saved_pipeline_matches_diffusers(trained):
+def test_saved_pipeline_matches_diffusers(trained, loaded):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   out, _ = trained
   ref = diffusers.StableDiffusionPipeline.from_pretrained(
       str(out), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   ref.set_progress_bar_config(disable=True)
-  pipe = diffusion.load_pipeline(out)
-  settings = diffusion.SampleSettings(sampler="ddim", steps=3, guidance_scale=3.0)
-  noise = diffusion.image_noise(1, ["a", "b"], pipe.latent_shape(settings))
-  prompts = ["a photo of a zero", "a photo of a one, slanted"]
+  pipe = loaded
+  settings = SETTINGS
+  noise = diffusion.image_noise(1, ["a", "b", "c"], pipe.latent_shape(settings))
+  prompts = ["a photo of a zero", "a photo of a one, slanted", ""]
   ours = np.clip(pipe.generate(prompts, noise, settings=settings) / 2 + 0.5, 0, 1)
   with torch.no_grad():
     theirs = ref(prompt=prompts, num_inference_steps=3, guidance_scale=3.0, height=8, width=8,
@@ -142,21 +157,23 @@ def test_finished_dir_is_not_retrained_and_other_config_is_refused(trained, bpe)
                        bpe_path=bpe)
 
 
-def test_interrupted_run_resumes_to_the_same_params(bpe, tmp_path):
-  whole = _train(tmp_path / "whole", SHORT, bpe)
+def test_interrupted_run_resumes_to_the_same_params(trained, loaded, bpe, tmp_path):
+  """TINY stopped at steps 2 and vae_steps + 3 (off its checkpoint_every=50 grid, so the
+  resumes start from the stop checkpoints) against the uninterrupted `trained` run."""
+  _, whole = trained
   out = tmp_path / "parts"
-  first = _train(out, SHORT, bpe, max_steps=2)  # inside the VAE phase
+  first = _train(out, TINY, bpe, max_steps=2)  # inside the VAE phase
   assert not first["complete"] and first["vae_steps"] == 2 and not out.exists()
   with pytest.raises(ValueError, match=r"vae_kl_weight"):
-    _train(out, dataclasses.replace(SHORT, vae_kl_weight=0.5), bpe)
-  second = _train(out, SHORT, bpe, max_steps=SHORT.vae_steps + 3)  # inside the UNet phase
+    _train(out, dataclasses.replace(TINY, vae_kl_weight=0.5), bpe)
+  second = _train(out, TINY, bpe, max_steps=TINY.vae_steps + 3)  # inside the UNet phase
   assert not second["complete"] and second["resumed_from_step"] == 2
   assert second["unet_steps"] == 3
-  third = _train(out, SHORT, bpe)
-  assert third["complete"] and third["resumed_from_step"] == SHORT.vae_steps + 3
+  third = _train(out, TINY, bpe)
+  assert third["complete"] and third["resumed_from_step"] == TINY.vae_steps + 3
   assert third["vae_losses"] == whole["vae_losses"]
   assert third["unet_losses"] == whole["unet_losses"]
-  a, b = diffusion.load_pipeline(tmp_path / "whole"), diffusion.load_pipeline(out)
+  a, b = loaded, diffusion.load_pipeline(out)
   assert _params_equal(a.params, b.params)
   assert a.vae_config.scaling_factor == b.vae_config.scaling_factor
 
