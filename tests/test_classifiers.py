@@ -439,3 +439,18 @@ def test_init_variables_rng_modes_are_deterministic():
     assert x.shape == z.shape
   with pytest.raises(ValueError, match="input_shape"):
     clf.init_variables(model, key, (8, 8, 1))
+
+
+@pytest.mark.parametrize("scale,mode,dist", [(1.0, "fan_in", "truncated_normal"),
+                                             (2.0, "fan_out", "normal"),
+                                             (1.0, "fan_avg", "uniform")])
+def test_flat_draw_initializers_equal_jax(scale, mode, dist):
+  """The classifiers' initializers draw flat and reshape (fast to compile on CPU); with
+  jax's default threefry_partitionable the values are bit-identical to jax's own."""
+  assert jax.config.jax_threefry_partitionable
+  ours = clf.variance_scaling(scale, mode, dist)
+  ref = jax.nn.initializers.variance_scaling(scale, mode, dist)
+  for i, shape in enumerate([(3, 3, 1, 32), (3, 3, 32, 64), (7, 7, 3, 16), (3136, 128),
+                             (128, 10)]):
+    key = jax.random.PRNGKey(i)
+    np.testing.assert_array_equal(np.asarray(ours(key, shape)), np.asarray(ref(key, shape)))
