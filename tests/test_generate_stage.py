@@ -258,8 +258,10 @@ def test_two_processes_split_the_shards_and_resume_per_host(sd_dir, ref8, tmp_pa
   _write_prompts(wd, 8)
   script = _TWO_PROCESSES.format(wd=str(wd), model=str(sd_dir))
   # A persistent XLA cache shared by both runs: the resumed run reuses the first run's
-  # compiled sampler instead of compiling it again (same program, same executable).
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache")}
+  # compiled sampler (and the noise's small programs: no minimum compile time) instead of
+  # compiling them again (same program, same executable).
+  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300, env=env)
   # 4 shards: process p takes shards s % 2 == p.
   assert [o["shards_written"] for o in out] == [2, 2]
