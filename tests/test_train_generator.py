@@ -5,7 +5,7 @@ trains on 8 synthetic two-class images, so every step sees the same fixed batch.
 
 * learning: the deterministic probe losses (VAE reconstruction L1 on the fixed batch; the
   epsilon loss on fixed latents, timesteps and noise) after training vs. before it (measured
-  here: VAE 0.52 -> 0.13, UNet 1.5 -> 0.6 in 40 + 60 steps);
+  here by a helper session: VAE 0.995 -> 0.16, UNet 1.32 -> 0.44 in the 100 + 150 steps below);
 * the saved directory loads with `diffusion.load_pipeline` and `Pipeline.generate` makes
   images of the right shape; diffusers' StableDiffusionPipeline loads it too and makes the
   same images from the same latents (float32, max abs error < 1e-4 on [0, 1] images);
