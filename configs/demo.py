@@ -7,11 +7,10 @@ Variants: configs/demo.py:controlled   the controlled pool (corrupted real holdo
                                        generation (python -m launch.train or launch.run)
           configs/demo.py:paper        the controlled demo with the reference bandit (UCB1,
                                        c=2, reward in %)
-Hardware: 2 CPU cores. Default: about 17-19 minutes on 2 lightly loaded cores (estimated from
-          stage times: attributes with SmolLM2 ~2.5 min, training the generator ~6-8 min,
-          generating 1,000 images ~1 min, scoring them with Inception ~4.5 min, training 6
-          modes ~3.5 min); 57 minutes measured with the 2 cores shared with other jobs (load
-          4-7; README).
+Hardware: 2 CPU cores. Default: 27.5 minutes measured on 2 otherwise idle cores (load ~1.5):
+          attributes with SmolLM2 98 s, training the generator 700 s, generating 1,000
+          images 107 s, scoring them 419 s, training 6 modes 311 s, report 10 s; 57 minutes
+          with the 2 cores shared with other jobs (load 4-7; README).
           controlled: about 2 minutes.
 Expected: default -- the generator's digits carry their class (a pixel SVM trained on the real
           train split takes 999 of the 1,000 for their prompted class) but are unlike real ones
