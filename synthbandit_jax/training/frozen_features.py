@@ -13,8 +13,8 @@ FID Inception-V3 runs at ~10-30 images/s; the head trains at thousands).
   "inception_768" / "inception_192" / "inception_64"   its earlier taps (spatially averaged)
 
 at `model.features_size` pixels (0 = 299, the network's own size; any size >= 75 works, at
-~(size / 299)^2 of the cost), with `model.name` one of `HEAD_MODELS` ("linear_head": a new linear layer; "mlp_head": one
-hidden layer). `feature_inputs` turns the training `Inputs` into the same `Inputs` whose bank,
+~(size / 299)^2 of the cost), with `model.name` one of `HEAD_MODELS` ("linear_head": a new
+linear layer; "mlp_head": one hidden layer). `feature_inputs` turns the training `Inputs` into the same `Inputs` whose bank,
 val and test images are float32 feature vectors [N, D]; the epoch function uses float
 banks as they are (uint8 banks are images, scaled to [0, 1]).
 
@@ -57,13 +57,13 @@ def check_model_features(model_name: str, features: str) -> None:
 
 
 def _extractor(config, features: str):
-  from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
-  params = None
-  weights = str(config.score.get("inception_weights", "") or "")
-  if weights:
-    from synthbandit_jax.weights import inception_import  # pylint: disable=g-import-not-at-top
-    params = inception_import.cached_inception_params(weights)
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
+  from synthbandit_jax.metrics import stage  # pylint: disable=g-import-not-at-top
+  from synthbandit_jax.weights import inception_import  # pylint: disable=g-import-not-at-top
+  # The scoring stage's checks and loader: the same network as the scores use.
+  params = inception_import.cached_inception_params(stage.inception_weights(config.score))
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[str(config.score.dtype)]
   size = int(config.model.get("features_size", 0) or 0) or None
   return features_lib.inception_extractor(params, batch_size=int(config.score.batch_size),
@@ -138,13 +138,12 @@ def feature_inputs(config, inputs: Any, cache_dir: str | Path, *, progress: bool
   extractor = _extractor(config, features)
   tap = FEATURES[features]
   cache_dir = Path(cache_dir)
-  n_pool = inputs.layout.num_pool
-  parts = {"pool": inputs.bank_images[:n_pool], "train": inputs.bank_images[n_pool:],
-           "val": inputs.val.images, "test": inputs.test.images}
-  feats = {k: cached_features(extractor, tap, v, cache_dir, progress=progress)
-           for k, v in parts.items()}
-  bank = np.concatenate([feats["pool"], feats["train"]])
+  # One pass over bank, val and test: the cache is read once and the missing images are
+  # extracted in one run (one compiled shape, one progress bar).
+  sizes = [len(inputs.bank_images), len(inputs.val.images), len(inputs.test.images)]
+  every = np.concatenate([inputs.bank_images, inputs.val.images, inputs.test.images])
+  bank, val, test = np.split(cached_features(extractor, tap, every, cache_dir,
+                                             progress=progress), np.cumsum(sizes)[:2])
   log.info("model.features=%s: %d bank, %d val, %d test images -> %d-d features (%s)",
-           features, len(bank), len(feats["val"]), len(feats["test"]), bank.shape[1], cache_dir)
-  return dataclasses.replace(inputs, bank_images=bank,
-                             eval_features={"val": feats["val"], "test": feats["test"]})
+           features, len(bank), len(val), len(test), bank.shape[1], cache_dir)
+  return dataclasses.replace(inputs, bank_images=bank, eval_features={"val": val, "test": test})
