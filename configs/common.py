@@ -28,6 +28,8 @@ scores.directions         "col:lower,col2:higher" overrides of ranking direction
 scores.allow_missing      pool images without a score row get NaN (never in a top-k arm)
 score.dtype               launch/score.py: Inception/VGG16 compute dtype "float32" | "bfloat16"
 score.batch_size          images per feature batch (a multiple of the device count)
+score.inception_size      Inception input side, 0 = 299 (FID's); >= 75: ~(size/299)^2 of the
+                          compute, values not comparable with FIDs at 299
 score.max_pool_images     0 = score the whole pool; else a class-stratified seeded subset
 score.max_real_images     0 = all real train images as references; else a subset
 score.u_form              "mean" (of min-max normalised DPS and FCS) | "product"
@@ -146,6 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.score = ml_collections.ConfigDict()
   c.score.dtype = "float32"
   c.score.batch_size = 32
+  c.score.inception_size = 0
   c.score.max_pool_images = 0
   c.score.max_real_images = 0
   c.score.u_form = "mean"

@@ -266,6 +266,35 @@ def test_inception_weights_config(tmp_path):
     stage.run_scoring(c, tmp_path, progress=False)
 
 
+def test_inception_size_reaches_the_extractor_and_is_recorded(tmp_path, monkeypatch):
+  """score.inception_size is passed to the Inception extractor (whose input_size path is
+  tested against the 299 one in test_features) and recorded in scoring.json; a size the
+  network cannot take is refused naming the key."""
+  from synthbandit_jax.metrics import features as features_lib
+  from synthbandit_jax.metrics import stage
+  from synthbandit_jax.weights import inception_import
+  seen = []
+
+  def fake_inception(params, **kw):  # the network is stubbed: only its arguments matter here
+    seen.append(kw.get("input_size"))
+    return _pixel_extractor()
+
+  monkeypatch.setattr(inception_import, "cached_inception_params", lambda weights: {})
+  monkeypatch.setattr(features_lib, "inception_extractor", fake_inception)
+  c = _small(tiny.get_config())
+  c.score.batch_size = 5
+  c.score.inception_size = 139
+  summary = stage.run_scoring(c, tmp_path / "a", progress=False)
+  assert seen == [139] and summary["inception_size"] == 139
+  assert json.loads((tmp_path / "a" / "scoring.json").read_text())["inception_size"] == 139
+  c.score.inception_size = 0  # 0 and 299 both mean the network's own size
+  assert stage.run_scoring(c, tmp_path / "b", progress=False)["inception_size"] == 299
+  assert seen[-1] is None
+  c.score.inception_size = 60
+  with pytest.raises(ValueError, match=r"score\.inception_size=60.*>= 75"):
+    stage.run_scoring(c, tmp_path / "c", progress=False)
+
+
 _TWO_PROCESSES = """
 init()
 from configs import tiny

@@ -55,6 +55,13 @@ for quick runs; unscored pool images then have no row and rank last. The pool su
 drawn from the metadata rows (before any image is read), so an unreadable file drops its row
 instead of being replaced. On CPU the Inception runs at ~10 images/s (299x299, fp32) and
 VGG16 at ~5 images/s (224x224).
+
+`score.inception_size` (0 = 299) resizes the images to another side for the Inception
+instead (>= 75; the compute scales with the side squared: 139 is ~4.6x less). Every
+Inception-based column (DPS, FCS with the Inception backbone, the FID columns, realism,
+PRDC, IS) then uses those features; for small images (28 px digits) the ranking barely
+changes, but the values are not comparable with FIDs computed at 299 (`scoring.json`
+records the size and the extractor).
 """
 from __future__ import annotations
 
@@ -181,6 +188,29 @@ def inception_weights(score_config) -> Path | None:
     raise FileNotFoundError(f"score.inception_weights={raw!r}: no such file; "
                             f"{inception_import.PYTORCH_FID_HOW_TO}")
   return path
+
+
+SCORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(score_config):
+  """`score.dtype` as a jnp dtype (the feature networks' compute dtype), checked."""
+  name = str(score_config.dtype)
+  if name not in SCORE_DTYPES:
+    raise ValueError(f"score.dtype={name!r}: use one of {sorted(SCORE_DTYPES)}")
+  return SCORE_DTYPES[name]
+
+
+def inception_size(score_config) -> int | None:
+  """`score.inception_size`: None (299, FID's own input) or the side, checked (>= 75)."""
+  from synthbandit_jax.models import inception as inc  # pylint: disable=import-outside-toplevel
+  size = int(score_config.get("inception_size", 0) or 0)
+  if size == 0 or size == inc.INPUT_SIZE:
+    return None
+  if size < inc.MIN_INPUT_SIZE:
+    raise ValueError(f"score.inception_size={size}: the Inception needs >= {inc.MIN_INPUT_SIZE} "
+                     f"pixels (0 = {inc.INPUT_SIZE}, the size FID is defined at)")
+  return size
 
 
 def _join(a: features_lib.FeatureSet, b: features_lib.FeatureSet) -> features_lib.FeatureSet:
@@ -412,12 +442,14 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
   splits, skipped = inputs_lib.real_splits(config)
   spec, train = pool_spec(config, workdir, splits["train"], splits, progress=progress)
   seed = int(config.seed)
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[sc.dtype]
-  if extractor is None:
+  dtype = compute_dtype(sc)
+  own_extractor = extractor is None
+  if own_extractor:
     params = inception_import.cached_inception_params(inc_weights)
     taps = features_lib.DEFAULT_INCEPTION_TAPS + ((LOGITS_TAP,) if "fc" in params else ())
     extractor = features_lib.inception_extractor(params, batch_size=int(sc.batch_size),
-                                                 dtype=dtype, taps=taps)
+                                                 dtype=dtype, taps=taps,
+                                                 input_size=inception_size(sc))
   if backbone == "vgg16" and fcs_extractor is None:
     fcs_extractor = features_lib.vgg16_extractor(weights=weights, batch_size=int(sc.batch_size),
                                                  dtype=dtype)
@@ -496,6 +528,9 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
       "pool_images": len(spec.rows), "real_images": len(real_fs.ids),
       "excluded": real_fs.bad + pool_fs.bad, "skipped_files": skipped,
       "fcs_backbone": backbone, "fcs_tap": cfg.fcs_tap,
+      "inception_extractor": extractor.name,
+      # the Inception's input side (None: a caller-supplied extractor)
+      "inception_size": (inception_size(sc) or 299) if own_extractor else None,
       "inception_score_column": "is" in result.table.columns,
       "sources": result.sources, "wall_time_s": None,
   }

@@ -57,14 +57,12 @@ def check_model_features(model_name: str, features: str) -> None:
 
 
 def _extractor(config, features: str):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
   from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
   from synthbandit_jax.metrics import stage  # pylint: disable=g-import-not-at-top
   from synthbandit_jax.weights import inception_import  # pylint: disable=g-import-not-at-top
   # The scoring stage's checks and loader: the same network as the scores use.
   params = inception_import.cached_inception_params(stage.inception_weights(config.score))
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[str(config.score.dtype)]
+  dtype = stage.compute_dtype(config.score)
   size = int(config.model.get("features_size", 0) or 0) or None
   return features_lib.inception_extractor(params, batch_size=int(config.score.batch_size),
                                           dtype=dtype, taps=(FEATURES[features],),
