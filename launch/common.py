@@ -3,7 +3,7 @@ jax.distributed), config-override validation, logging, and the multi-process sta
 
 Every launch script calls `define_flags()` at import and `start()` first thing in `main`:
 
-  --config=FILE[:ARG] --workdir=DIR [--noprogress]
+  --config=FILE[:ARG] --workdir=DIR [--noprogress] [--compilation_cache=auto|off|DIR]
   --distributed=auto|on|off  --coordinator_address=HOST:PORT  --num_processes=N
   --process_id=I  --local_device_ids=0,1,...
 
@@ -11,6 +11,14 @@ A single-process run needs none of the distributed flags. With several processes
 pass them (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) on every
 process, or let JAX detect a TPU pod, a SLURM job or an Open MPI launch (`--distributed=auto`,
 the default). Progress bars and summaries appear on process 0 only.
+
+`--compilation_cache` (default auto) turns on JAX's persistent compilation cache: XLA
+executables are stored on disk keyed by their program, compile options and jax version, so
+a later run (or a later mode or seed of the grid) that compiles the same program loads it
+instead. On CPU compiling is a large part of a short run: the grid's 168 training runs share
+most of their programs. auto = $JAX_COMPILATION_CACHE_DIR when set, else
+`<asset cache>/xla` (`$SYNTHBANDIT_CACHE/xla`, default ~/.cache/synthbandit_jax/xla), kept
+under 4 GB (least recently used entries go first); off = none; any other value = that dir.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ class Flags:
   num_processes: Any
   process_id: Any
   local_device_ids: Any
+  compilation_cache: Any = None
 
 
 def define_flags(workdir_help: str = "Output directory.") -> Flags:
@@ -57,7 +66,10 @@ def define_flags(workdir_help: str = "Output directory.") -> Flags:
           "$JAX_PROCESS_ID)."),
       local_device_ids=flags.DEFINE_list(
           "local_device_ids", None, "Devices this process uses, e.g. 0,1 (default: all "
-          "visible; $JAX_LOCAL_DEVICE_IDS)."))
+          "visible; $JAX_LOCAL_DEVICE_IDS)."),
+      compilation_cache=flags.DEFINE_string(
+          "compilation_cache", "auto", "JAX's persistent compilation cache: auto = "
+          "$JAX_COMPILATION_CACHE_DIR or <asset cache>/xla; off; or a directory."))
   flags.mark_flags_as_required(["config", "workdir"])
   return holders
 
@@ -66,6 +78,8 @@ def start(f: Flags) -> None:
   """Logging, then jax.distributed when this is one process of several (before any device
   is touched). Fails with the flag names when the multi-process settings are incomplete."""
   quiet_library_logs()
+  if f.compilation_cache is not None:
+    enable_compilation_cache(f.compilation_cache.value)
   from synthbandit_jax import parallel  # pylint: disable=import-outside-toplevel
   ids = [int(x) for x in f.local_device_ids.value] if f.local_device_ids.value else None
   try:
@@ -74,6 +88,37 @@ def start(f: Flags) -> None:
         mode=f.distributed.value)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e
+
+
+CACHE_MAX_BYTES = 4 * 2 ** 30
+CACHE_MIN_COMPILE_SECS = 0.5  # quicker programs are cheaper to recompile than to store
+
+
+def enable_compilation_cache(setting: str | None) -> str | None:
+  """Points JAX's persistent compilation cache at `setting` (see the module docstring);
+  returns the directory used (None: off)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  setting = (setting or "auto").strip()
+  if setting.lower() in ("off", "none", "0", "false"):
+    return None
+  if setting.lower() == "auto":
+    setting = os.environ.get("JAX_COMPILATION_CACHE_DIR", "")
+    if not setting:
+      from synthbandit_jax import assets  # pylint: disable=import-outside-toplevel
+      setting = str(assets.cache_dir() / "xla")
+  if "://" not in setting:  # local paths are created; remote ones (gs://) are JAX's business
+    try:
+      Path(setting).expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise SystemExit(f"error: --compilation_cache={setting}: cannot create it ({e}); pass "
+                       "another directory or --compilation_cache=off") from e
+    setting = str(Path(setting).expanduser())
+  jax.config.update("jax_compilation_cache_dir", setting)
+  jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
+  return setting
 
 
 def is_main_process() -> bool:
