@@ -58,7 +58,6 @@ def dataset_config(config, name: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(config.to_dict())
   if name == "generated":
     c.data.real = "mnist5k"
-    c.data.holdout_fraction = 0.0
     c.pool.kind, c.pool.path = "dir", ""
     c.generate.model = pipeline.OFFLINE_MODEL
     src = str(c.grid.get("generated_from", "") or "")

@@ -61,6 +61,7 @@ def test_grid_dataset_presets_and_errors(tmp_path):
   assert gen.data.split_seed == 0 and gen.arms.source == "scores"
   ctl = grid.dataset_config(c, "controlled")
   assert ctl.pool.kind == "controlled" and ctl.data.holdout_fraction > 0
+  assert gen.data.holdout_fraction == ctl.data.holdout_fraction == 0.4  # 100 real per class
   with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
     grid.dataset_config(c, "cifar")
   c.grid.generated_from = str(tmp_path)
@@ -92,3 +93,20 @@ def test_grid_model_presets_train_a_head_on_frozen_inception(tmp_path):
   assert seen == [("small_cnn", "", ""),
                   ("linear_head", "inception_2048", str(tmp_path / "features"))]
   assert {r["model"] for r in result["table"]} == {"small_cnn", "inception_frozen"}
+
+
+def test_generated_dataset_keeps_the_demos_val_and_test(tmp_path):
+  """grid.generated_from reuses a demo's pool and scores, computed against the demo's train
+  split: the grid's smaller train split (holdout 0.4) must leave val and test exactly the
+  demo's, so those scores never saw a grid val / test image."""
+  from configs import demo
+  from synthbandit_jax.training import inputs
+  d = demo.get_config()
+  d.data.split_seed = 0
+  g = grid.dataset_config(grid_config.get_config(), "generated")
+  sd, _ = inputs.real_splits(d)
+  sg, _ = inputs.real_splits(g)
+  ids = lambda s, k: set(s[k].ids)
+  assert ids(sg, "val") == ids(sd, "val") and ids(sg, "test") == ids(sd, "test")
+  assert ids(sg, "train") < ids(sd, "train") and len(sg["train"].ids) == 1000
+  assert not (ids(sg, "val") | ids(sg, "test")) & ids(sd, "train")
