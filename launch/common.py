@@ -15,8 +15,9 @@ the default). Progress bars and summaries appear on process 0 only.
 `--compilation_cache` (default auto) turns on JAX's persistent compilation cache: XLA
 executables are stored on disk keyed by their program, compile options and jax version, so
 a later run (or a later mode or seed of the grid) that compiles the same program loads it
-instead. On CPU compiling is a large part of a short run: the grid's 168 training runs share
-most of their programs. auto = $JAX_COMPILATION_CACHE_DIR when set, else
+instead: a rerun of a short CPU job skips most of its compiling. (In the offline grid the
+saving was small, ~7% of a seed's runs: there the epochs, not compiles, dominate.) auto =
+$JAX_COMPILATION_CACHE_DIR when set, else
 `<asset cache>/xla` (`$SYNTHBANDIT_CACHE/xla`, default ~/.cache/synthbandit_jax/xla), kept
 under 4 GB (least recently used entries go first); off = none; any other value = that dir.
 """
