@@ -41,7 +41,7 @@ class Flags:
   num_processes: Any
   process_id: Any
   local_device_ids: Any
-  compilation_cache: Any = None
+  compilation_cache: Any
 
 
 def define_flags(workdir_help: str = "Output directory.") -> Flags:
@@ -79,8 +79,7 @@ def start(f: Flags) -> None:
   """Logging, then jax.distributed when this is one process of several (before any device
   is touched). Fails with the flag names when the multi-process settings are incomplete."""
   quiet_library_logs()
-  if f.compilation_cache is not None:
-    enable_compilation_cache(f.compilation_cache.value)
+  enable_compilation_cache(f.compilation_cache.value)
   from synthbandit_jax import parallel  # pylint: disable=import-outside-toplevel
   ids = [int(x) for x in f.local_device_ids.value] if f.local_device_ids.value else None
   try:

@@ -446,12 +446,14 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
   seed = int(config.seed)
   dtype = compute_dtype(sc)
   own_extractor = extractor is None
+  size = None
   if own_extractor:
+    size = inception_size(sc)
     params = inception_import.cached_inception_params(inc_weights)
     taps = features_lib.DEFAULT_INCEPTION_TAPS + ((LOGITS_TAP,) if "fc" in params else ())
     extractor = features_lib.inception_extractor(params, batch_size=int(sc.batch_size),
                                                  dtype=dtype, taps=taps,
-                                                 input_size=inception_size(sc))
+                                                 input_size=size)
   if backbone == "vgg16" and fcs_extractor is None:
     fcs_extractor = features_lib.vgg16_extractor(weights=weights, batch_size=int(sc.batch_size),
                                                  dtype=dtype)
@@ -532,7 +534,7 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
       "fcs_backbone": backbone, "fcs_tap": cfg.fcs_tap,
       "inception_extractor": extractor.name,
       # the Inception's input side (None: a caller-supplied extractor)
-      "inception_size": (inception_size(sc) or 299) if own_extractor else None,
+      "inception_size": (size or 299) if own_extractor else None,
       "inception_score_column": "is" in result.table.columns,
       "sources": result.sources, "wall_time_s": None,
   }
