@@ -454,3 +454,32 @@ def test_flat_draw_initializers_equal_jax(scale, mode, dist):
                              (128, 10)]):
     key = jax.random.PRNGKey(i)
     np.testing.assert_array_equal(np.asarray(ours(key, shape)), np.asarray(ref(key, shape)))
+
+
+# ---------------------------------------------------------------- max-pool ---
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 3), (1, 7, 5, 2), (1, 1, 4, 2)])
+def test_max_pool_2x2_matches_nn_max_pool_values_and_gradients_with_ties(shape):
+  """Our reshape + custom-VJP pool equals flax's nn.max_pool (select-and-scatter gradient)
+  exactly, on inputs full of ties (few distinct values, runs of zeros as after a ReLU),
+  odd sizes (last row / column dropped) and a map too small to pool (identity)."""
+  rng = np.random.default_rng(sum(shape))
+  x = jnp.asarray(rng.integers(-1, 3, shape).astype(np.float32))  # values -1, 0, 1, 2
+  x = jnp.maximum(x, 0.0)  # ReLU-like: many all-zero and tied windows
+  dy_shape = jax.eval_shape(clf._max_pool_2x2, x).shape
+  dy = jnp.asarray(rng.standard_normal(dy_shape).astype(np.float32))
+
+  def ref(v):
+    if v.shape[1] < 2 or v.shape[2] < 2:
+      return v
+    return flax.linen.max_pool(v, (2, 2), strides=(2, 2), padding="VALID")
+
+  ours_y, ours_vjp = jax.vjp(jax.jit(clf._max_pool_2x2), x)
+  ref_y, ref_vjp = jax.vjp(ref, x)
+  np.testing.assert_array_equal(np.asarray(ours_y), np.asarray(ref_y))
+  np.testing.assert_array_equal(np.asarray(ours_vjp(dy)[0]), np.asarray(ref_vjp(dy)[0]))
+  if shape[1] >= 2:  # the gradient of a tied window goes to one element, not split
+    g = np.asarray(ours_vjp(jnp.ones_like(dy))[0])
+    assert set(np.unique(g)) <= {0.0, 1.0}
+    assert g.sum() == dy.size

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthbandit_jax import io as sio
+from synthbandit_jax import xla_options
 from synthbandit_jax.generation import schedulers
 from synthbandit_jax.models import clip_text, unet as unet_lib, vae as vae_lib
 from synthbandit_jax.weights import state_dict as sdict
@@ -168,7 +169,7 @@ class Pipeline:
   def sample_fn(self, s: SampleSettings):
     """The jitted ``(params, ids, uncond_ids, noise) -> images in [-1, 1] (float32)``."""
     if s not in self._compiled:
-      self._compiled[s] = jax.jit(self._build_sample(s))
+      self._compiled[s] = xla_options.jit(self._build_sample(s))
     return self._compiled[s]
 
   def _build_sample(self, s: SampleSettings):

@@ -102,6 +102,7 @@ from flax import serialization
 from jax.flatten_util import ravel_pytree
 
 from synthbandit_jax import io as sio
+from synthbandit_jax import xla_options
 from synthbandit_jax.data import images as imlib
 from synthbandit_jax.generation import diffusion, schedulers
 from synthbandit_jax.models import clip_text, unet as unet_lib, vae as vae_lib
@@ -562,7 +563,7 @@ def _vae_step_fn(models: _Models, config: GeneratorConfig, tx: optax.GradientTra
     params, _, opt = _apply(tx, state, grads, lr)
     return {"params": params, "opt": opt}, loss
 
-  return jax.jit(step)
+  return xla_options.jit(step)
 
 
 def _denoise_loss_fn(models: _Models):
@@ -593,7 +594,7 @@ def _unet_step_fn(models: _Models, config: GeneratorConfig, tx: optax.GradientTr
       new["ema"] = d * state["ema"] + (1.0 - d) * flat
     return new, loss
 
-  return jax.jit(step)
+  return xla_options.jit(step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -624,7 +625,7 @@ def _compiled_for(config: GeneratorConfig) -> _Compiled:
   return _Compiled(
       models=models, vae_tx=vae_tx, unet_tx=unet_tx,
       vae_step=_vae_step_fn(models, config, vae_tx),
-      encode=jax.jit(lambda p, x: vae.apply({"params": p}, x,
+      encode=xla_options.jit(lambda p, x: vae.apply({"params": p}, x,
                                             method=vae_lib.AutoencoderKL.encode)),
       unet_step=_unet_step_fn(models, config, unet_tx))
 

@@ -61,6 +61,7 @@ from jax.sharding import Mesh
 
 from synthbandit_jax import io as sio
 from synthbandit_jax import parallel
+from synthbandit_jax import xla_options
 from synthbandit_jax.data import pool as pool_lib
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class FeatureExtractor:
     self.params = jax.device_put(params, self._replicated)
     self._traces = 0
     self._fingerprint: str | None = None
-    self._jitted = jax.jit(self._traced, in_shardings=(self._replicated, self._batch_sharding),
+    self._jitted = xla_options.jit(self._traced, in_shardings=(self._replicated, self._batch_sharding),
                            out_shardings=self._batch_sharding)
 
   def _traced(self, params: Any, images: jax.Array) -> dict[str, jax.Array]:

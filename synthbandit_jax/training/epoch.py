@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from synthbandit_jax import bandits as bandits_lib
 from synthbandit_jax import parallel
+from synthbandit_jax import xla_options
 
 RewardFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -314,7 +315,7 @@ def make_epoch_fn(spec: EpochSpec, donate: bool = True):
   counter = TraceCounter(lambda state, bank, arms, val: epoch_body(spec, state, bank, arms,
                                                                     val))
   pinned = spec.out_shardings(1)
-  fn = jax.jit(counter, donate_argnums=(0,) if donate else (),
+  fn = xla_options.jit(counter, donate_argnums=(0,) if donate else (),
                **({"out_shardings": pinned} if pinned else {}))
   fn.trace_counter = counter  # type: ignore[attr-defined]
   return fn
@@ -322,7 +323,7 @@ def make_epoch_fn(spec: EpochSpec, donate: bool = True):
 
 def make_eval_fn(model: nn.Module, mesh: Mesh | None = None):
   """Jitted `accuracy(params, batch_stats, eval_set)`."""
-  return jax.jit(lambda params, bs, data: evaluate(model, params, bs, data, mesh))
+  return xla_options.jit(lambda params, bs, data: evaluate(model, params, bs, data, mesh))
 
 
 class HostStreamingEpoch:
@@ -342,10 +343,10 @@ class HostStreamingEpoch:
                          if spec.state_sharding is not None else {})
     self._plan = jax.jit(lambda st, arms: plan_epoch(spec.bandit, st, arms, spec.batch_size,
                                                      spec.warmup_epochs), **pin(1, 2, 3, 4, 5))
-    self._step = jax.jit(lambda st, x, y, m: train_step(spec.model, spec.tx, st, x, y, m,
+    self._step = xla_options.jit(lambda st, x, y, m: train_step(spec.model, spec.tx, st, x, y, m,
                                                         spec.mesh), donate_argnums=(0,),
                          **pin(1))
-    self._eval = jax.jit(lambda p, bs, x, y, m: eval_batch(spec.model, p, bs, x, y, m,
+    self._eval = xla_options.jit(lambda p, bs, x, y, m: eval_batch(spec.model, p, bs, x, y, m,
                                                            spec.mesh))
     self._finish = jax.jit(lambda st, arm, acc, n: finish_epoch(
         spec.bandit, spec.reward_fn, st, arm, acc, n, spec.warmup_epochs), **pin(1))
