@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from tests import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,8 @@ def spawn(script: str, nproc: int, devices_per_process: int, *, timeout: int = 6
   """Starts `nproc` processes of `script` and waits: [(returncode, stdout, stderr)]."""
   address = f"localhost:{free_port()}"
   base = dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+              XLA_FLAGS=xla_flags(
+                  f"--xla_force_host_platform_device_count={devices_per_process}"))
   base.pop("JAX_COORDINATOR_ADDRESS", None)
   base.update(env or {})
   codes = [PRELUDE.format(root=str(ROOT), pid=pid, nproc=nproc, address=address) +

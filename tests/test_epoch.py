@@ -18,6 +18,7 @@ from synthbandit_jax import arms as arms_lib
 from synthbandit_jax import bandits
 from synthbandit_jax.models import classifiers
 from synthbandit_jax.training import epoch as E
+from tests import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -219,7 +220,7 @@ def test_eight_devices_match_one(model, xla_cache_env):
   parameters within 1e-4 in relative L2 norm (sums over 8 shards reassociate, BatchNorm
   statistics included, and 4 epochs of SGD with momentum carry that forward).
   """
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu", **xla_cache_env)
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE.format(root=str(ROOT),
                                                                     model=model)],
@@ -276,7 +277,7 @@ def test_model_axis_matches_pure_data_parallel(xla_cache_env):
   """On 8 devices as (8) and (4 data x 2 model): the state split over the model
   axis trains to the same result (up to float reassociation), keeps its shardings from
   epoch to epoch (no retrace), on both input paths."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
              JAX_PLATFORMS="cpu", **xla_cache_env)
   proc = subprocess.run([sys.executable, "-c", _MODEL_AXIS.format(root=str(ROOT))],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)

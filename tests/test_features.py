@@ -17,6 +17,7 @@ import pytest
 from synthbandit_jax import parallel
 from synthbandit_jax.data import pool as pool_lib
 from synthbandit_jax.metrics import features as feat
+from tests import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 8
@@ -308,7 +309,7 @@ print("MULTI_DEVICE_OK")
 
 
 def test_four_device_mesh_equals_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep
              + os.environ.get("PYTHONPATH", ""))
   res = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], cwd=REPO, env=env,

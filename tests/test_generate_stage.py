@@ -20,6 +20,7 @@ import pytest
 from synthbandit_jax import assets
 from synthbandit_jax.data import pool as pool_lib
 from synthbandit_jax.generation import diffusion, stage
+from tests import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ["zero", "one", "two"]
@@ -146,7 +147,7 @@ def test_one_vs_eight_devices(sd_dir, ref8, tmp_path):
   batch of 8, made in this process)."""
   n = 8
   wd = tmp_path / f"dev{n}"
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={n}"),
              JAX_PLATFORMS="cpu")
   proc = subprocess.run(
       [sys.executable, "-c", _MULTI.format(root=str(ROOT), n=n, wd=str(wd),
