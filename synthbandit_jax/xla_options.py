@@ -1,9 +1,10 @@
 """XLA compiler options that the project's jitted programs compile with.
 
 On CPU, jaxlib 0.10's XLA hands convolutions to YNNPACK (INDIVIDUAL_CONVOLUTION in XLA's
-default YNN fusion list, with INDIVIDUAL_DOT and REDUCE), which runs our convolution-heavy training steps slower than
-XLA's own convolution. Measured on the 2-core CPU machine (jaxlib 0.10.2, float32, batch 32,
-best of 2-3 epochs; XLA's defaults -> with `CPU_OPTIONS`):
+default YNN fusion list, with INDIVIDUAL_DOT and REDUCE), which runs our convolution-heavy
+training steps slower than XLA's own convolution. Measured on the 2-core CPU machine
+(jaxlib 0.10.2, float32, batch 32, best of 2-3 epochs; XLA's defaults -> with the XLA_FLAGS
+form of `CPU_OPTIONS`, before the SmallCNN's max-pool got its own VJP):
 
 - SmallCNN epoch (benchmarks/train_throughput.py, 4,096 images): 3.47 s -> 2.85 s
 - ResNet-18 epoch (512 images, 32x32x3): 37.7 s -> 32.4 s
