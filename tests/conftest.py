@@ -3,9 +3,10 @@
 XLA:CPU compilation is most of this suite's time (hundreds of small programs, each compiled
 once). The suite compiles with LLVM at -O0 (`--xla_backend_optimization_level=0`): XLA's
 HLO passes and the numerics are unchanged (no fast-math either way), only the generated
-machine code is less optimised. Measured on 2 cores: the full suite 924 s -> 728 s (with two
-other test cuts of ~55 s); every test passes at either level. The library itself never sets
-this: runs and benchmarks compile at XLA's default level.
+machine code is less optimised. Measured on 2 idle cores (pytest -n 2): 924 s before this
+session's test changes; 728 s with -O0 in the main processes plus two test cuts worth ~55 s;
+682 s from a clean clone once the subprocesses got -O0 too. Every test passed at both
+levels. The library itself never sets this: runs and benchmarks compile at XLA's default.
 
 Set SYNTHBANDIT_TEST_XLA_DEFAULTS=1 to run the suite at XLA's default optimisation level.
 Subprocesses that set their own XLA_FLAGS add `SUITE_XLA_FLAGS` (`xla_flags()`).
