@@ -5,8 +5,9 @@ once). The suite compiles with LLVM at -O0 (`--xla_backend_optimization_level=0`
 HLO passes and the numerics are unchanged (no fast-math either way), only the generated
 machine code is less optimised. Measured on 2 idle cores (pytest -n 2): 924 s before this
 session's test changes; 728 s with -O0 in the main processes plus two test cuts worth ~55 s;
-682 s from a clean clone once the subprocesses got -O0 too. Every test passed at both
-levels. The library itself never sets this: runs and benchmarks compile at XLA's default.
+682 s from a clean clone once the subprocesses got -O0 too. The whole suite passed at
+both levels (the default-level run predates two small edits: a 75 px scoring test and a
+12-token SmolLM2 test). The library itself never sets this: runs and benchmarks compile at XLA's default.
 
 Set SYNTHBANDIT_TEST_XLA_DEFAULTS=1 to run the suite at XLA's default optimisation level.
 Subprocesses that set their own XLA_FLAGS add `SUITE_XLA_FLAGS` (`xla_flags()`).
