@@ -7,16 +7,18 @@ Variants: configs/demo.py:controlled   the controlled pool (corrupted real holdo
                                        generation (python -m launch.train or launch.run)
           configs/demo.py:paper        the controlled demo with the reference bandit (UCB1,
                                        c=2, reward in %)
-Hardware: 2 CPU cores. Default: 19.3 minutes measured on 2 otherwise idle cores (load ~1.5):
-          attributes with SmolLM2 100 s, training the generator 664 s (VAE 200 + UNet 2,200
-          steps), generating 1,000 images 87 s, scoring them 86 s (Inception at 139 px),
-          training 6 modes x 12 epochs 207 s, report 9 s. Shared cores take much longer
+Hardware: 2 CPU cores. Default: 16.2 minutes measured on 2 otherwise idle cores (load ~1.5):
+          attributes with SmolLM2 106 s, training the generator 548 s (VAE 200 + UNet 2,200
+          steps), generating 1,000 images 69 s, scoring them 59 s (Inception at 139 px),
+          training 6 modes x 12 epochs 171 s, report 8 s (19.3 minutes before
+          synthbandit_jax/xla_options.py). Shared cores take much longer
           (57 minutes for an earlier, heavier version at load 4-7; README).
           controlled: about 2 minutes.
 Expected: default -- the generator's digits carry their class (a pixel SVM trained on the real
-          train split takes all 1,000 for their prompted class) but are unlike real ones
-          in style (thick, smooth, less varied strokes); real-only ~0.975 test accuracy;
-          synthetic-only clearly lower (~0.77); the bandit near real-only (0.971 at seed 0).
+          train split takes 98.3% of the 1,000 for their prompted class) but are unlike
+          real ones in style (thick, smooth, less varied strokes); real-only ~0.975 test
+          accuracy; synthetic-only clearly lower (~0.75-0.77); the bandit near real-only
+          (0.972 at seed 0).
           controlled -- real-only and the bandit ~0.95-0.97; the synthetic-only run (all
           corruptions, ~8% wrong labels) lower.
 
