@@ -153,8 +153,9 @@ class FeatureExtractor:
     self.params = jax.device_put(params, self._replicated)
     self._traces = 0
     self._fingerprint: str | None = None
-    self._jitted = xla_options.jit(self._traced, in_shardings=(self._replicated, self._batch_sharding),
-                           out_shardings=self._batch_sharding)
+    self._jitted = xla_options.jit(
+        self._traced, in_shardings=(self._replicated, self._batch_sharding),
+        out_shardings=self._batch_sharding)
 
   def _traced(self, params: Any, images: jax.Array) -> dict[str, jax.Array]:
     self._traces += 1  # runs only while tracing

@@ -343,11 +343,11 @@ class HostStreamingEpoch:
                          if spec.state_sharding is not None else {})
     self._plan = jax.jit(lambda st, arms: plan_epoch(spec.bandit, st, arms, spec.batch_size,
                                                      spec.warmup_epochs), **pin(1, 2, 3, 4, 5))
-    self._step = xla_options.jit(lambda st, x, y, m: train_step(spec.model, spec.tx, st, x, y, m,
-                                                        spec.mesh), donate_argnums=(0,),
-                         **pin(1))
-    self._eval = xla_options.jit(lambda p, bs, x, y, m: eval_batch(spec.model, p, bs, x, y, m,
-                                                           spec.mesh))
+    self._step = xla_options.jit(
+        lambda st, x, y, m: train_step(spec.model, spec.tx, st, x, y, m, spec.mesh),
+        donate_argnums=(0,), **pin(1))
+    self._eval = xla_options.jit(
+        lambda p, bs, x, y, m: eval_batch(spec.model, p, bs, x, y, m, spec.mesh))
     self._finish = jax.jit(lambda st, arm, acc, n: finish_epoch(
         spec.bandit, spec.reward_fn, st, arm, acc, n, spec.warmup_epochs), **pin(1))
 
