@@ -6,7 +6,7 @@ HLO passes are unchanged and, with fast-math off at both levels, LLVM may not re
 operations, so results should not change (not checked bit for bit); only the generated
 machine code is less optimised. Measured on 2 idle cores (pytest -n 2): 924 s before this
 session's test changes; 728 s with -O0 in the main processes plus two test cuts worth ~55 s;
-682 s from a clean clone once the subprocesses got -O0 too. The whole suite passed at
+682 s and 620 s (two runs) from a clean clone once the subprocesses got -O0 too. The whole suite passed at
 both levels (the default-level run predates two small edits: a 75 px scoring test and a
 12-token SmolLM2 test). The library itself never sets this: runs and benchmarks compile
 at XLA's default.
