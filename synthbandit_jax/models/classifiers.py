@@ -102,14 +102,12 @@ def _pool_windows_fwd(windows: jax.Array):
 
 def _pool_windows_bwd(res, dy: jax.Array):
   windows, y = res
-  taken = None  # windows whose maximum already received the gradient
+  taken = jnp.zeros(y.shape, bool)  # windows whose maximum already received the gradient
   grads = []
   for i in (0, 1):  # row-major over the window, as select-and-scatter scans it
     for j in (0, 1):
-      hit = windows[:, :, i, :, j] == y
-      if taken is not None:
-        hit = hit & ~taken
-      taken = hit if taken is None else taken | hit
+      hit = (windows[:, :, i, :, j] == y) & ~taken
+      taken = taken | hit
       grads.append(jnp.where(hit, dy, jnp.zeros_like(dy)))
   rows = [jnp.stack(grads[0:2], axis=3), jnp.stack(grads[2:4], axis=3)]
   return (jnp.stack(rows, axis=2),)
