@@ -67,5 +67,8 @@ def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
 
 
 def jit(fun: Any, **kwargs: Any) -> Any:
-  """`jax.jit(fun, compiler_options=compiler_options(), **kwargs)`."""
+  """`jax.jit(fun, compiler_options=compiler_options(), **kwargs)`.
+
+  For top-level functions only: JAX rejects compiler options on a jit called under another
+  trace (call the plain function there; the outer jit's options apply to all of it)."""
   return jax.jit(fun, compiler_options=compiler_options(), **kwargs)

@@ -160,6 +160,14 @@ def test_latent_helpers(ref, ours):
   assert _rel(lat_s, (ref["mean"] - 0.25) * 1.5) < TOL
   assert _rel(vae.decode_latents(shifted, params, (z - 0.25) * 1.5), ref["dec"]) < TOL
 
+  # Under another jit (as in the sampler) both inline: same results as the top-level calls,
+  # which compile with the CPU compiler options that jax would reject on a nested jit.
+  zs = z * config.scaling_factor
+  nested = jax.jit(lambda p, x_, z_: (vae.encode_to_latents(model, p, x_),
+                                      vae.decode_latents(model, p, z_)))(params, x, zs)
+  assert _rel(nested[0], lat) < TOL
+  assert _rel(nested[1], vae.decode_latents(model, params, zs)) < TOL
+
 
 def test_to_uint8_matches_vae_image_processor():
   proc = diffusers.image_processor.VaeImageProcessor()

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthbandit_jax import xla_options
 from synthbandit_jax.models import sd_blocks
 from synthbandit_jax.weights import state_dict as sdict
 
@@ -320,15 +321,37 @@ class AutoencoderKL(nn.Module):
 
 
 # The model (a hashable linen dataclass: config + dtype) is a static argument, so each
-# (config, dtype) compiles once per input shape.
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(model: AutoencoderKL, params: PyTree, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+# (config, dtype) compiles once per input shape. The jits are made on first use, not at
+# import: `xla_options.jit` picks the backend's compiler options (the CPU convolution
+# setting), which initialises JAX's backends. Under another trace (the sampler's jit)
+# the functions are inlined instead: compiler options are only allowed on a top-level jit.
+def _encode_apply(model: AutoencoderKL, params: PyTree, x: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
   return model.apply({"params": params}, x, method=AutoencoderKL.encode)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(model: AutoencoderKL, params: PyTree, z: jax.Array) -> jax.Array:
+def _decode_apply(model: AutoencoderKL, params: PyTree, z: jax.Array) -> jax.Array:
   return model.apply({"params": params}, z, method=AutoencoderKL.decode)
+
+
+@functools.cache
+def _jitted(fn: Any) -> Any:
+  return xla_options.jit(fn, static_argnums=0)
+
+
+def _call(fn: Any, model: AutoencoderKL, params: PyTree, x: jax.Array) -> Any:
+  # compiler_options are only allowed on a top-level jit: under a trace, inline.
+  if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves((params, x))):
+    return fn(model, params, x)
+  return _jitted(fn)(model, params, x)
+
+
+def _encode(model: AutoencoderKL, params: PyTree, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return _call(_encode_apply, model, params, x)
+
+
+def _decode(model: AutoencoderKL, params: PyTree, z: jax.Array) -> jax.Array:
+  return _call(_decode_apply, model, params, z)
 
 
 def images_to_model_input(images: Any) -> jax.Array:
