@@ -13,21 +13,13 @@ is a pure function of its two arguments, so one is built.
 from __future__ import annotations
 
 import functools
-import os
 
 
 def parse_once(monkeypatch) -> None:
   """For the rest of the test: one `gguf.GGUFReader` per (path, args)."""
   import gguf  # pylint: disable=import-outside-toplevel
-  original = gguf.GGUFReader
-  readers = {}
 
-  def reader(path, *args, **kwargs):
-    key = (os.path.realpath(os.fspath(path)), args, tuple(sorted(kwargs.items())))
-    if key not in readers:
-      readers[key] = original(path, *args, **kwargs)
-    return readers[key]
-
-  monkeypatch.setattr(gguf, "GGUFReader", reader)
+  from synthbandit_jax.weights import llama_import  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(gguf, "GGUFReader", llama_import.memoised_gguf_reader(gguf.GGUFReader))
   monkeypatch.setattr(gguf, "get_tensor_name_map",
                       functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))

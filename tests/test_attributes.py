@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from synthbandit_jax.generation import attributes as ga
-from tests import gguf_once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,11 +227,10 @@ def _smollm2_path():
     pytest.skip(f"SmolLM2 GGUF asset unavailable: {e}")
 
 
-def test_launch_with_smollm2_writes_attributes_and_is_deterministic(tmp_path, monkeypatch):
+def test_launch_with_smollm2_writes_attributes_and_is_deterministic(tmp_path):
   """Real model, 2 classes, short replies: valid attributes.json with raw text, per seed."""
   _smollm2_path()
-  # The weights and the tokenizer's config share one parse of the file (tests/gguf_once.py).
-  gguf_once.parse_once(monkeypatch)
+  # (load_llm itself has the weights and the tokenizer share one parse of the file.)
   # (No wall-time assertion: the stage's speed is measured by benchmarks/llm_throughput.py;
   # a timed test fails on a loaded machine without anything being wrong.)
   llm = ga.load_llm()

@@ -125,6 +125,32 @@ def test_gguf_errors_name_file(tmp_path):
     li.load_gguf(bad)
 
 
+@pytest.mark.skipif(not _HAVE_GGUF, reason="needs the gguf package")
+def test_one_gguf_parse_shares_a_reader_per_file_and_restores(tmp_path):
+  import gguf
+  paths = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
+  for i, path in enumerate(paths):
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("test.value", i)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+  original = gguf.GGUFReader
+  with li.one_gguf_parse():
+    a = gguf.GGUFReader(str(paths[0]))
+    assert gguf.GGUFReader(tmp_path / "." / "a.gguf") is a  # same file, another spelling
+    b = gguf.GGUFReader(paths[1])
+    assert b is not a
+    assert [int(r.fields["test.value"].contents()) for r in (a, b)] == [0, 1]
+  assert gguf.GGUFReader is original
+  assert gguf.GGUFReader(paths[0]) is not gguf.GGUFReader(paths[0])
+  with pytest.raises(RuntimeError, match="inside"):
+    with li.one_gguf_parse():
+      raise RuntimeError("inside")
+  assert gguf.GGUFReader is original
+
+
 def test_unpermute_inverts_llama_cpp_permutation():
   w = np.arange(6 * 8 * 3, dtype=np.float32).reshape(6 * 8, 3)  # 6 heads of dim 8
   np.testing.assert_array_equal(li.unpermute_qk(li.permute_qk(w, 6), 6), w)

