@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m launch.run --config=configs/demo.py --workdir=$(WORKDIR)
 
 test: $(TORCH_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: $(TORCH_STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -20,11 +20,14 @@ saving was small, ~7% of a seed's runs: there the epochs, not compiles, dominate
 $JAX_COMPILATION_CACHE_DIR when set, else
 `<asset cache>/xla` (`$SYNTHBANDIT_CACHE/xla`, default ~/.cache/synthbandit_jax/xla), kept
 under 4 GB (least recently used entries go first); off = none; any other value = that dir.
+The flag's default is $SYNTHBANDIT_COMPILATION_CACHE when set (e.g. off for every launch on a
+machine), else auto.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -69,8 +72,9 @@ def define_flags(workdir_help: str = "Output directory.") -> Flags:
           "local_device_ids", None, "Devices this process uses, e.g. 0,1 (default: all "
           "visible; $JAX_LOCAL_DEVICE_IDS)."),
       compilation_cache=flags.DEFINE_string(
-          "compilation_cache", "auto", "JAX's persistent compilation cache: auto = "
-          "$JAX_COMPILATION_CACHE_DIR or <asset cache>/xla; off; or a directory."))
+          "compilation_cache", os.environ.get(CACHE_ENV) or "auto",
+          "JAX's persistent compilation cache: auto = $JAX_COMPILATION_CACHE_DIR or <asset "
+          f"cache>/xla; off; or a directory (default ${CACHE_ENV}, else auto)."))
   flags.mark_flags_as_required(["config", "workdir"])
   return holders
 
@@ -90,6 +94,7 @@ def start(f: Flags) -> None:
     raise SystemExit(f"error: {e}") from e
 
 
+CACHE_ENV = "SYNTHBANDIT_COMPILATION_CACHE"  # the --compilation_cache default when set
 CACHE_MAX_BYTES = 4 * 2 ** 30
 CACHE_MIN_COMPILE_SECS = 0.5  # quicker programs are cheaper to recompile than to store
 

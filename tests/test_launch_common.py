@@ -1,6 +1,11 @@
 """launch/common.py: the --compilation_cache setting."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -42,3 +47,23 @@ def test_compilation_cache_settings(tmp_path, monkeypatch, restore_cache_config)
   (tmp_path / "file").write_text("x")
   with pytest.raises(SystemExit, match=r"--compilation_cache=.*file/sub.*off"):
     common.enable_compilation_cache(str(tmp_path / "file" / "sub"))
+
+
+_FLAG_DEFAULT = """
+from absl import flags
+from launch import common
+f = common.define_flags()
+flags.FLAGS(["x", "--workdir=w", "--config=configs/demo.py"])
+print(f.compilation_cache.value)
+"""
+
+
+@pytest.mark.parametrize("env,expect", [(None, "auto"), ("off", "off"), ("/some/dir", "/some/dir")])
+def test_compilation_cache_flag_default_from_environment(env, expect):
+  root = Path(__file__).resolve().parent.parent
+  environ = {k: v for k, v in os.environ.items() if k != common.CACHE_ENV}
+  if env is not None:
+    environ[common.CACHE_ENV] = env
+  out = subprocess.run([sys.executable, "-c", _FLAG_DEFAULT], cwd=root, env=environ,
+                       capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.strip().splitlines()[-1] == expect
