@@ -14,7 +14,15 @@ form of `CPU_OPTIONS`, before the SmallCNN's max-pool got its own VJP):
 
 So every jitted function of ours that runs convolutions on CPU passes
 `compiler_options()` to `jax.jit`; the other fusions keep XLA's defaults. Off CPU the options
-are empty. Set ``SYNTHBANDIT_XLA_DEFAULTS=1`` to compile with XLA's own defaults instead;
+are empty.
+
+Feature extraction (`metrics/features.py`: the Inception and VGG16 forward passes) compiles
+with `FEATURE_CPU_OPTIONS`, which also drops REDUCE: with it, YNNPACK takes VGG16's whole
+convolution stack into one fusion rooted at its max-pools and runs it slower than XLA's own
+convolutions (one pinned core, batch 8 at 224 px: 8.3 s -> 7.4 s per batch,
+benchmarks/score_throughput.py vgg16 0.83x -> 0.91x PyTorch; the Inception 1.11x -> 1.10x,
+unchanged within noise). Training keeps REDUCE: without it the SmallCNN epoch fell from
+1.03x to 0.89x PyTorch at batch 32 (the max-pool reductions). Set ``SYNTHBANDIT_XLA_DEFAULTS=1`` to compile with XLA's own defaults instead;
 an ``XLA_FLAGS`` entry for the same option also wins over ours.
 """
 from __future__ import annotations
@@ -33,42 +41,48 @@ from absl import logging
 CPU_OPTIONS: dict[str, str] = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+# Feature extraction: YNNPACK's dot only (see the module docstring).
+FEATURE_CPU_OPTIONS: dict[str, str] = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 DEFAULTS_ENV = "SYNTHBANDIT_XLA_DEFAULTS"
 
 
 @functools.cache
-def _cpu_options_compile() -> bool:
-  """Whether this jaxlib accepts CPU_OPTIONS (a tiny compile; a jaxlib that renamed the
+def _cpu_options_compile(items: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib accepts these CPU options (a tiny compile; a jaxlib that renamed an
   option raises, and we then fall back to XLA's defaults with a warning)."""
+  options = dict(items)
   try:
-    jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(np.float32(0)).compile()
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
   except Exception as e:  # pylint: disable=broad-except  (XlaRuntimeError, ValueError, ...)
     logging.warning("XLA compiler options %s not accepted by this jaxlib (%s: %s); using "
-                    "XLA's defaults", CPU_OPTIONS, type(e).__name__, str(e)[:200])
+                    "XLA's defaults", options, type(e).__name__, str(e)[:200])
     return False
   return True
 
 
-def compiler_options(backend: str | None = None) -> dict[str, Any] | None:
+def compiler_options(backend: str | None = None,
+                     cpu_options: dict[str, str] | None = None) -> dict[str, Any] | None:
   """The `compiler_options` for `jax.jit` on `backend` (default: JAX's default backend):
-  `CPU_OPTIONS` on CPU, None elsewhere, None when ``SYNTHBANDIT_XLA_DEFAULTS=1`` or when
-  ``XLA_FLAGS`` sets one of the options itself.
+  `cpu_options` (default `CPU_OPTIONS`) on CPU, None elsewhere, None when
+  ``SYNTHBANDIT_XLA_DEFAULTS=1`` or when ``XLA_FLAGS`` sets one of the options itself.
 
   Call it when building a jitted function, not at import: it initialises JAX's backends.
   """
+  cpu_options = CPU_OPTIONS if cpu_options is None else cpu_options
   if os.environ.get(DEFAULTS_ENV, "").strip() not in ("", "0"):
     return None
   if (backend or jax.default_backend()) != "cpu":
     return None
   flags = os.environ.get("XLA_FLAGS", "")
-  if any(name in flags for name in CPU_OPTIONS):
+  if any(name in flags for name in cpu_options):
     return None
-  return dict(CPU_OPTIONS) if _cpu_options_compile() else None
+  return dict(cpu_options) if _cpu_options_compile(tuple(sorted(cpu_options.items()))) else None
 
 
-def jit(fun: Any, **kwargs: Any) -> Any:
-  """`jax.jit(fun, compiler_options=compiler_options(), **kwargs)`.
+def jit(fun: Any, *, cpu_options: dict[str, str] | None = None, **kwargs: Any) -> Any:
+  """`jax.jit(fun, compiler_options=compiler_options(cpu_options=cpu_options), **kwargs)`.
 
   For top-level functions only: JAX rejects compiler options on a jit called under another
   trace (call the plain function there; the outer jit's options apply to all of it)."""
-  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+  return jax.jit(fun, compiler_options=compiler_options(cpu_options=cpu_options), **kwargs)

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from synthbandit_jax import xla_options
+from synthbandit_jax import parallel, xla_options
+from synthbandit_jax.metrics import features
 from synthbandit_jax.models import classifiers
 
 
@@ -62,3 +64,44 @@ def test_jit_passes_options_and_computes_the_same():
     a, b = np.asarray(a), np.asarray(b)
     # Float32 sums in another order: within 1e-5 of each leaf's largest gradient.
     assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), np.abs(a - b).max()
+
+
+class _ConvPoolStack(nn.Module):
+  """VGG16's pattern in small: 3x3 conv - ReLU - 3x3 conv - ReLU - 2x2 max pool."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32) / 255.0
+    for f in (8, 8):
+      x = nn.relu(nn.Conv(f, (3, 3), padding=((1, 1), (1, 1)))(x))
+    return {"pool": nn.max_pool(x, (2, 2), strides=(2, 2)).mean(axis=(1, 2))}
+
+
+def _ynn_fusions(hlo: str) -> int:
+  return sum("__ynn_fusion" in line and "fusion(" in line for line in hlo.splitlines())
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU-only options")
+def test_feature_options_keep_a_conv_pool_stack_out_of_ynnpack(monkeypatch):
+  monkeypatch.delenv(xla_options.DEFAULTS_ENV, raising=False)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  model = _ConvPoolStack()
+  x = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  params = model.init(jax.random.key(0), x)
+  hlo = lambda options: jax.jit(model.apply, compiler_options=options).lower(
+      params, x).compile().as_text()
+  # With REDUCE (XLA's default and the training options) YNNPACK takes the stack, convs and
+  # all, into one fusion rooted at the pool; the feature options leave it to XLA. (If a
+  # jaxlib stops doing this, the first assert says so: re-measure the options.)
+  assert _ynn_fusions(hlo(xla_options.CPU_OPTIONS)) == 1
+  assert xla_options.compiler_options(
+      cpu_options=xla_options.FEATURE_CPU_OPTIONS) == xla_options.FEATURE_CPU_OPTIONS
+  assert _ynn_fusions(hlo(xla_options.FEATURE_CPU_OPTIONS)) == 0
+  # The FeatureExtractor compiles with them.
+  ex = features.FeatureExtractor(model.apply, params, batch_size=2,
+                                 mesh=parallel.make_mesh(num_devices=1))
+  compiled = ex._jitted.lower(ex.params, jax.device_put(x, ex._batch_sharding)).compile()
+  ours = compiled.as_text()
+  assert _ynn_fusions(ours) == 0 and "convolution(" in ours
+  np.testing.assert_allclose(np.asarray(ex(np.asarray(x))["pool"]),
+                             np.asarray(jax.jit(model.apply)(params, x)["pool"]), atol=1e-6)

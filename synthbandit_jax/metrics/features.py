@@ -154,7 +154,8 @@ class FeatureExtractor:
     self._traces = 0
     self._fingerprint: str | None = None
     self._jitted = xla_options.jit(
-        self._traced, in_shardings=(self._replicated, self._batch_sharding),
+        self._traced, cpu_options=xla_options.FEATURE_CPU_OPTIONS,
+        in_shardings=(self._replicated, self._batch_sharding),
         out_shardings=self._batch_sharding)
 
   def _traced(self, params: Any, images: jax.Array) -> dict[str, jax.Array]:
