@@ -22,8 +22,9 @@ convolution stack into one fusion rooted at its max-pools and runs it slower tha
 convolutions (one pinned core, batch 8 at 224 px: 8.3 s -> 7.4 s per batch,
 benchmarks/score_throughput.py vgg16 0.83x -> 0.91x PyTorch; the Inception 1.11x -> 1.10x,
 unchanged within noise). Training keeps REDUCE: without it the SmallCNN epoch fell from
-1.03x to 0.89x PyTorch at batch 32 (the max-pool reductions). Set ``SYNTHBANDIT_XLA_DEFAULTS=1`` to compile with XLA's own defaults instead;
-an ``XLA_FLAGS`` entry for the same option also wins over ours.
+1.03x to 0.89x PyTorch at batch 32 (the max-pool reductions). Set
+``SYNTHBANDIT_XLA_DEFAULTS=1`` to compile with XLA's own defaults instead; an ``XLA_FLAGS``
+entry for the same option also wins over ours.
 """
 from __future__ import annotations
 

@@ -143,6 +143,10 @@ def test_one_gguf_parse_shares_a_reader_per_file_and_restores(tmp_path):
     b = gguf.GGUFReader(paths[1])
     assert b is not a
     assert [int(r.fields["test.value"].contents()) for r in (a, b)] == [0, 1]
+    outer = gguf.GGUFReader
+    with li.one_gguf_parse():  # nests (an LLM built inside such a block): no deadlock
+      assert gguf.GGUFReader(paths[0]) is a
+    assert gguf.GGUFReader is outer
   assert gguf.GGUFReader is original
   assert gguf.GGUFReader(paths[0]) is not gguf.GGUFReader(paths[0])
   with pytest.raises(RuntimeError, match="inside"):

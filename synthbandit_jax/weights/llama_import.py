@@ -152,7 +152,7 @@ def memoised_gguf_reader(original: Callable[..., Any]) -> Callable[..., Any]:
   return reader
 
 
-_PATCH_LOCK = threading.Lock()
+_PATCH_LOCK = threading.RLock()  # re-entrant: the block may nest (an LLM built inside one)
 
 
 @contextlib.contextmanager
