@@ -7,12 +7,13 @@ Variants: configs/demo.py:controlled   the controlled pool (corrupted real holdo
                                        generation (python -m launch.train or launch.run)
           configs/demo.py:paper        the controlled demo with the reference bandit (UCB1,
                                        c=2, reward in %)
-Hardware: 2 CPU cores. Default: 16.2 minutes measured on 2 otherwise idle cores (load ~1.5):
-          attributes with SmolLM2 106 s, training the generator 548 s (VAE 200 + UNet 2,200
-          steps), generating 1,000 images 69 s, scoring them 59 s (Inception at 139 px),
-          training 6 modes x 12 epochs 171 s, report 8 s (19.3 minutes before
-          synthbandit_jax/xla_options.py). Shared cores take much longer
-          (57 minutes for an earlier, heavier version at load 4-7; README).
+Hardware: 2 CPU cores. Default: 14.9 minutes measured on 2 otherwise idle cores
+          (2026-12-01): attributes with SmolLM2 87 s, training the generator 494 s (VAE 200
+          + UNet 2,200 steps), generating 1,000 images 63 s, scoring them 55 s (Inception
+          at 139 px), training 6 modes x 12 epochs 167 s, report 8 s (16.2 minutes in an
+          earlier session on another machine; 19.3 before synthbandit_jax/xla_options.py).
+          Shared cores take much longer (57 minutes for an earlier, heavier version at
+          load 4-7; README).
           controlled: about 2 minutes.
 Expected: default -- the generator's digits carry their class (a pixel SVM trained on the real
           train split takes 98.3% of the 1,000 for their prompted class) but are unlike
