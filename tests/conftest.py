@@ -18,7 +18,8 @@ Subprocesses that set their own XLA_FLAGS append $SYNTHBANDIT_SUITE_XLA_FLAGS
 Many tests compile the same programs: the same small model trained by several tests, a run
 restarted after a kill, each process of a multi-process test, both pytest-xdist workers. The
 suite therefore shares one JAX persistent compilation cache (`JAX_COMPILATION_CACHE_DIR`,
-every program that took 0.2 s or more to compile) across its workers and their subprocesses.
+every program, however quick to compile) across its workers and their subprocesses; it
+replaces the per-test caches that four multi-process tests had set up for themselves.
 The directory is new for every pytest run (a temporary directory that the pytest process
 which made it deletes at exit), so no test ever sees an executable left over from another
 jax/jaxlib, another checkout or another run: within one run an executable is only reused for
@@ -57,7 +58,7 @@ else:
     os.environ[_CACHE_ENV] = _dir
     atexit.register(shutil.rmtree, _dir, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_ENV]
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 

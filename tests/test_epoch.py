@@ -199,21 +199,12 @@ _MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def xla_cache_env(tmp_path_factory):
-  """Env of this module's 8-device subprocesses: a persistent XLA cache they share (the
-  small_cnn inits' random draws compile once; later processes load the same executables)."""
-  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 @pytest.mark.parametrize("model", [dict(model="small_cnn"),
                                    # BatchNorm (statistics over the sharded batch), in a
                                    # net small enough to compile in seconds
                                    dict(model="vgg", stages=((8,), (8, 8)),
                                         fc_features=(16,))])
-def test_eight_devices_match_one(model, xla_cache_env):
+def test_eight_devices_match_one(model):
   """Data parallel over 8 devices = 1 device up to float reassociation.
 
   Tolerance: the same arms, val accuracies to 1e-6, losses to rtol 2e-4, and the final
@@ -221,7 +212,7 @@ def test_eight_devices_match_one(model, xla_cache_env):
   statistics included, and 4 epochs of SGD with momentum carry that forward).
   """
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-             JAX_PLATFORMS="cpu", **xla_cache_env)
+             JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _MULTI_DEVICE.format(root=str(ROOT),
                                                                     model=model)],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
@@ -273,12 +264,12 @@ _MODEL_AXIS = textwrap.dedent("""
 """)
 
 
-def test_model_axis_matches_pure_data_parallel(xla_cache_env):
+def test_model_axis_matches_pure_data_parallel():
   """On 8 devices as (8) and (4 data x 2 model): the state split over the model
   axis trains to the same result (up to float reassociation), keeps its shardings from
   epoch to epoch (no retrace), on both input paths."""
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"),
-             JAX_PLATFORMS="cpu", **xla_cache_env)
+             JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _MODEL_AXIS.format(root=str(ROOT))],
                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

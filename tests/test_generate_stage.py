@@ -258,12 +258,9 @@ def test_two_processes_split_the_shards_and_resume_per_host(sd_dir, ref8, tmp_pa
   wd = tmp_path / "two"
   _write_prompts(wd, 8)
   script = _TWO_PROCESSES.format(wd=str(wd), model=str(sd_dir))
-  # A persistent XLA cache shared by both runs: the resumed run reuses the first run's
-  # compiled sampler (and the noise's small programs: no minimum compile time) instead of
-  # compiling them again (same program, same executable).
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300, env=env)
+  # The resumed run loads the first run's compiled programs from the suite's compilation
+  # cache (tests/conftest.py) instead of compiling them again (same program, same executable).
+  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300)
   # 4 shards: process p takes shards s % 2 == p.
   assert [o["shards_written"] for o in out] == [2, 2]
   assert [o["generated"] for o in out] == [4, 4]
@@ -276,7 +273,7 @@ def test_two_processes_split_the_shards_and_resume_per_host(sd_dir, ref8, tmp_pa
   # Process 1 "crashed" before finishing shard 3 (its metadata file marks it done).
   (wd / "pool" / "metadata" / "shard_00003.jsonl").unlink()
   (wd / "pool" / "metadata.jsonl").unlink()
-  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300, env=env)
+  out = multihost.run_processes(script, nproc=2, devices_per_process=1, timeout=300)
   assert [o["shards_written"] for o in out] == [0, 1]
   assert all(o["complete"] for o in out)
   c = _images(wd / "pool")

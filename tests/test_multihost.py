@@ -53,17 +53,13 @@ def _summary(r: dict) -> dict:
 
 
 def test_two_process_training_resumes_and_matches_one_process(tmp_path):
-  # A persistent XLA cache shared by the three launches (5 processes): the eager inits'
-  # random draws and the tiny model's programs compile once, later processes load the same
-  # executables (same numbers).
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-  one = multihost.run_processes(_ONE.format(wd=str(tmp_path / "one")), 1, 4, env=env)[0]
+  # The three launches (5 processes) share the suite's compilation cache (tests/conftest.py):
+  # later processes load the executables earlier ones compiled (same numbers).
+  one = multihost.run_processes(_ONE.format(wd=str(tmp_path / "one")), 1, 4)[0]
   wd = tmp_path / "two"
   # First attempt: both processes hard-exit right after checkpointing epoch 1.
   crashed = multihost.spawn(_TRAIN.format(wd=wd, extra=["--config.debug.crash_after_epoch=1"]),
-                            2, 2, timeout=400, env=env)
+                            2, 2, timeout=400)
   assert all(rc != 0 for rc, _, _ in crashed), [rc for rc, _, _ in crashed]
   assert not (wd / "bandit" / "results.json").exists()
   # Resume on both with the host-streaming input path and a (data 2 x model 2) mesh, the
@@ -71,7 +67,7 @@ def test_two_process_training_resumes_and_matches_one_process(tmp_path):
   # identity, so the checkpoint is reused; saving it gathers the split leaves).
   multihost.run_processes(_TRAIN.format(wd=wd, extra=["--config.data.on_device=False",
                                                       "--config.parallel.model_axis=2"]),
-                          2, 2, timeout=400, env=env)
+                          2, 2, timeout=400)
   two = json.loads((wd / "bandit" / "results.json").read_text())
   assert two["num_processes"] == 2 and two["num_devices"] == 4
   assert two["mesh"] == {"data": 2, "model": 2}

@@ -21,23 +21,12 @@ REQUIRED = ("mode", "config", "arms", "epochs", "best_val_accuracy", "test_accur
             "images_seen", "wall_time_s", "skipped_files")
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-  """A persistent XLA cache for this module's launches: they all compile the same tiny
-  programs (the eager inits' random draws alone take seconds each on CPU); a later launch
-  loads the executables an earlier one compiled (same program, same executable, same
-  numbers)."""
-  return tmp_path_factory.mktemp("xla_cache")
-
-
-def _launch(workdir, *overrides, check=True, cache=None):
+def _launch(workdir, *overrides, check=True):
+  # (Launches share the suite's compilation cache, tests/conftest.py: a later one loads
+  # the executables an earlier one compiled.)
   cmd = [sys.executable, "-m", "launch.train", "--config=configs/tiny.py",
          f"--workdir={workdir}", "--noprogress", *overrides]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  if cache is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
   if check:
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -89,24 +78,24 @@ def test_finished_workdir_says_so_and_stops(finished, capsys):
 
 
 @pytest.fixture(scope="module")
-def crashed(tmp_path_factory, xla_cache):
+def crashed(tmp_path_factory):
   """A bandit run hard-killed (os._exit) right after checkpointing epoch 2 of 4; tests
   resume copies of it."""
   killed = tmp_path_factory.mktemp("killed")
   proc = _launch(killed, "--config.train.modes=bandit", "--config.debug.crash_after_epoch=2",
-                 check=False, cache=xla_cache)
+                 check=False)
   assert proc.returncode == 17, proc.stderr[-3000:]
   assert (killed / "bandit" / "checkpoints").is_dir()
   assert not (killed / "bandit" / "results.json").exists()
   return killed
 
 
-def test_resume_after_hard_kill_equals_uninterrupted(tmp_path, crashed, xla_cache):
+def test_resume_after_hard_kill_equals_uninterrupted(tmp_path, crashed):
   full = tmp_path / "full"
-  _launch(full, "--config.train.modes=bandit", cache=xla_cache)
+  _launch(full, "--config.train.modes=bandit")
   killed = tmp_path / "killed"
   shutil.copytree(crashed, killed)
-  _launch(killed, "--config.train.modes=bandit", cache=xla_cache)
+  _launch(killed, "--config.train.modes=bandit")
   a = json.loads((full / "bandit" / "results.json").read_text())
   b = json.loads((killed / "bandit" / "results.json").read_text())
   strip = lambda eps: [{k: v for k, v in e.items() if k != "wall_time_s"} for e in eps]
@@ -116,11 +105,11 @@ def test_resume_after_hard_kill_equals_uninterrupted(tmp_path, crashed, xla_cach
   assert a["arms"] == b["arms"]
 
 
-def test_resume_with_other_config_is_refused(tmp_path, crashed, xla_cache):
+def test_resume_with_other_config_is_refused(tmp_path, crashed):
   workdir = tmp_path / "w"
   shutil.copytree(crashed, workdir)
   proc = _launch(workdir, "--config.train.modes=bandit", "--config.optim.learning_rate=0.5",
-                 check=False, cache=xla_cache)
+                 check=False)
   assert proc.returncode != 0
   assert "optim.learning_rate" in proc.stderr and "--overwrite" in proc.stderr
 
