@@ -36,6 +36,8 @@ score.u_form              "mean" (of min-max normalised DPS and FCS) | "product"
 score.max_per_set         0 = all images per Gaussian set; 64 = the paper's reference size
 score.ssim_max_refs       real references per image for SSIM/PSNR
 score.fcs_backbone        FCS features: "inception" (2048-d pool tap) | "vgg16" (fc7, the paper's)
+score.vgg16_size          VGG16 input side for fcs_backbone=vgg16, 0 = 224 (its own); >= 32:
+                          ~(size/224)^2 of the compute, fc7 features not those at 224
 score.vgg16_weights       torchvision vgg16 state dict (.pth/.safetensors) for fcs_backbone=vgg16;
                           make it where there is internet: torch.save(torchvision.models.vgg16(
                           weights="IMAGENET1K_V1").state_dict(), path)
@@ -156,6 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.ssim_max_refs = 64
   c.score.fcs_backbone = "inception"
   c.score.vgg16_weights = ""
+  c.score.vgg16_size = 0
   c.score.inception_weights = ""
 
   c.attributes = ml_collections.ConfigDict()

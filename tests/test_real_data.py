@@ -199,6 +199,20 @@ def test_load_digits_scaling():
   lut = {0: 0, 1: 16, 8: 128, 15: 239, 16: 255}  # round(v * 255 / 16) by hand
   for k, want in lut.items():
     assert np.all(ds.images[..., 0][v == k] == want)
+  np.testing.assert_array_equal(ds.images[..., 0], np.rint(sk.images * 255 / 16))
+  assert ds.class_names == [str(t) for t in sk.target_names]
+
+
+def test_load_digits_falls_back_to_sklearn_when_its_csv_moved(monkeypatch):
+  import importlib.util
+  import types
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name: types.SimpleNamespace(submodule_search_locations=[]))
+  a, b = real._digits_arrays()  # pylint: disable=protected-access
+  monkeypatch.undo()
+  c, d = real._digits_arrays()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(a, c)
+  np.testing.assert_array_equal(b, d)
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:

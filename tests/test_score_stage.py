@@ -81,17 +81,20 @@ def test_fcs_backbone_vgg16_from_weights_file(tmp_path):
   c = tiny.get_config()
   c.score.fcs_backbone = "vgg16"
   c.score.vgg16_weights = str(weights)
+  c.score.vgg16_size = 32  # the smallest VGG16 input: 49x less compute than 224
   c.score.max_pool_images = 10
   c.score.max_real_images = 20
   c.score.batch_size = 5
   work = tmp_path / "run"
   summary = stage.run_scoring(c, work, progress=False, extractor=_pixel_extractor())
   assert summary["fcs_backbone"] == "vgg16" and summary["fcs_tap"] == "vgg_fc7"
+  assert summary["vgg16_size"] == 32
   assert json.loads((work / "scoring.json").read_text())["fcs_backbone"] == "vgg16"
   side = json.loads((work / "scores.csv.sources.json").read_text())
   fcs_src = side["sources"]["fcs"]
   assert fcs_src["backbone"].startswith("VGG16") and fcs_src["tap"] == "vgg_fc7"
   assert fcs_src["fcs_backbone"] == "vgg16" and fcs_src["weights"] == str(weights)
+  assert "size=32," in fcs_src["extractor"]
   assert side["config"]["fcs_tap"] == "vgg_fc7" and side["sources"]["dps"]["tap"] == "pool_192"
   # FCS is computed from the cached VGG16 fc7 features: recompute it from them.
   pool_v = features.load_features(work / "features" / "pool_vgg16.npz")
@@ -112,6 +115,11 @@ def test_fcs_backbone_config_errors(tmp_path):
     stage.run_scoring(c, tmp_path, progress=False)
   c.score.vgg16_weights = str(tmp_path / "nope.pth")
   with pytest.raises(FileNotFoundError, match=r"score\.vgg16_weights=.*nope\.pth"):
+    stage.run_scoring(c, tmp_path, progress=False)
+  (tmp_path / "w.pth").write_bytes(b"")  # checked before the weights are read
+  c.score.vgg16_weights = str(tmp_path / "w.pth")
+  c.score.vgg16_size = 16
+  with pytest.raises(ValueError, match=r"score\.vgg16_size=16: VGG16 needs >= 32"):
     stage.run_scoring(c, tmp_path, progress=False)
   c.score.fcs_backbone = "resnet"
   with pytest.raises(ValueError, match=r"score\.fcs_backbone='resnet'"):

