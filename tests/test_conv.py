@@ -61,3 +61,11 @@ def test_custom_path_is_taken_on_cpu_and_jits_inside_scan():
   np.testing.assert_allclose(np.asarray(scan_grad(w)), np.asarray(want), rtol=1e-4, atol=1e-3)
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(w, xs[0]))
   assert "custom_vjp" in jaxpr  # the patches-based kernel gradient is in use on CPU
+  # Inside the scan both convolutions (the forward and the kernel gradient; the input
+  # gradient is not needed) are in the canonical NHWC/HWIO form that XLA:CPU runs on its
+  # fast path (it canonicalises only top-level convolutions itself).
+  hlo = scan_grad.lower(w).compile().as_text()
+  convs = [l for l in hlo.splitlines() if " convolution(" in l]
+  assert len(convs) == 2, convs
+  assert any("f32[3,3,3,2]" in l.split("convolution(")[0] for l in convs), convs  # [C,kh,kw,O]
+  assert all("dim_labels=b01f_01io->b01f" in l for l in convs), convs

@@ -11,11 +11,13 @@ affected.
 groups or input dilation, it computes the same forward pass with `lax`, the input gradient
 of stride-1 convolutions as a canonical convolution with the flipped kernel (lax's own
 transpose rule otherwise),
-and the kernel gradient as one matmul over shifted (strided-slice) views of the input,
+and the kernel gradient of stride-1 float32 convolutions as one convolution written in the
+canonical NHWC/HWIO form (`_kernel_grad_canonical`), otherwise as one matmul over shifted
+(strided-slice) views of the input,
 
-    dW[i, j, c, o] = sum_{n, h, w} x_pad[n, h*s + i*d, w*s + j*d, c] * dy[n, h, w, o],
+    dW[i, j, c, o] = sum_{n, h, w} x_pad[n, h*s + i*d, w*s + j*d, c] * dy[n, h, w, o];
 
-which XLA:CPU runs at full speed inside loops. Elsewhere (GPU, TPU, other layouts) it is
+XLA:CPU runs both at full speed inside loops. Elsewhere (GPU, TPU, other layouts) it is
 `lax.conv_general_dilated` itself. Gradients agree with lax's to float rounding (tested).
 
 Also on CPU, a stride-1 convolution whose padding shrinks the map ("VALID" 3x3) runs as the
@@ -120,12 +122,16 @@ def _explicit_padding(padding, in_hw, k_hw, strides, dilation):
 def _kernel_grad(x, dy, w_shape, strides, padding, dilation, precision):
   """dW[i, j, c, o] = sum_{n,h,w} x_pad[n, h*s + i*d, w*s + j*d, c] * dy[n, h, w, o].
 
-  The shifted views of x are strided slices (data movement only); the sum over (n, h, w)
-  is one matmul [kh*kw*C, N*H'*W'] x [N*H'*W', O].
+  Stride 1, no dilation, float32: one convolution already in the canonical NHWC/HWIO form
+  (`_kernel_grad_canonical`). Otherwise the shifted views of x are strided slices (data
+  movement only) and the sum over (n, h, w) is one matmul [kh*kw*C, N*H'*W'] x [N*H'*W', O].
   """
   kh, kw, c, o = w_shape
   n, ho, wo, _ = dy.shape
   pads = _explicit_padding(padding, x.shape[1:3], (kh, kw), strides, dilation)
+  if (tuple(strides) == (1, 1) and tuple(dilation) == (1, 1) and
+      x.dtype == jnp.float32 and dy.dtype == jnp.float32):
+    return _kernel_grad_canonical(x, dy, pads, precision)
   xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
   sh, sw = strides
   dh, dw_ = dilation
@@ -139,6 +145,25 @@ def _kernel_grad(x, dy, w_shape, strides, padding, dilation, precision):
   grad = jnp.dot(patches.T, dy.reshape(n * ho * wo, o).astype(patches.dtype),
                  precision=precision, preferred_element_type=jnp.float32)
   return grad.reshape(kh, kw, c, o)
+
+
+def _kernel_grad_canonical(x, dy, pads, precision):
+  """The stride-1 kernel gradient as a convolution in canonical NHWC/HWIO form: the input's
+  channels act as the batch and its batch as the features ([C, H, W, N]), dy is the kernel
+  ([H', W', N, O]), and the [C, kh, kw, O] output is transposed to HWIO.
+
+  XLA:CPU rewrites non-canonical convolutions into this form only at the top level of a
+  program (its ConvCanonicalization pass skips loop bodies); written so by hand, it runs on
+  the fast convolution path inside `lax.scan` too. Measured inside a scan, 2 cores, float32
+  (ms per kernel gradient, vs the matmul over shifted views): batch 128 14x14 32->64: 15.3
+  vs 22.4; batch 32 32x32 64->64: 31.6 vs 58.1; batch 8 32x32 128->128: 27.2 vs 45.7;
+  batch 128 28x28 1->32: 3.35 vs 3.24.
+  """
+  lhs = x.transpose(3, 1, 2, 0)
+  rhs = dy.transpose(1, 2, 0, 3)
+  out = lax.conv_general_dilated(lhs, rhs, (1, 1), tuple(tuple(p) for p in pads),
+                                 dimension_numbers=_NHWC, precision=precision)
+  return out.transpose(1, 2, 0, 3)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
