@@ -141,3 +141,48 @@ def test_per_image_cache_computes_each_image_once(tmp_path, monkeypatch):
   fa = ff.cached_features(ext, "pool_2048", a, tmp_path)
   assert computed == [5, 3, 5]
   np.testing.assert_allclose(fa, a.reshape(5, -1) / np.float32(255.0), rtol=1.2e-7, atol=0)
+
+
+def test_processes_extract_their_share_and_all_get_every_row():
+  """Three processes as on three hosts (simulated: the gather hands each process the pieces
+  all three computed): each extracts only every third image, and each gets all rows back
+  in order, equal to one process's features."""
+  ext = _pixel_extractor(None, "inception_2048")
+  images = np.random.default_rng(1).integers(0, 256, (7, 4, 4, 1), dtype=np.uint8)
+  want = images.reshape(7, -1) / np.float32(255.0)
+  seen = []
+  real_extract = features_lib.extract_arrays
+
+  def counting(extractor, imgs, **kw):
+    seen.append(len(imgs))
+    return real_extract(extractor, imgs, **kw)
+
+  # What process p computes: images p, p + 3, ...
+  pieces = [real_extract(ext, images[p::3])["pool_2048"] for p in range(3)]
+
+  def gather(part, pi):
+    np.testing.assert_array_equal(part, pieces[pi])  # this process's own share
+    return pieces
+
+  for pi in range(3):
+    out = ff._extract_shared(ext, "pool_2048", images, progress=False,  # pylint: disable=protected-access
+                             process_index=pi, process_count=3,
+                             gather=lambda x, pi=pi: gather(x, pi))
+    np.testing.assert_allclose(out, want, rtol=1.2e-7, atol=0)
+  import unittest.mock  # pylint: disable=import-outside-toplevel
+  with unittest.mock.patch.object(features_lib, "extract_arrays", counting):
+    ff._extract_shared(ext, "pool_2048", images, progress=False, process_index=1,  # pylint: disable=protected-access
+                       process_count=3, gather=lambda x: pieces)
+  assert seen == [2]  # this process extracted its own two images only
+
+
+def test_nonfinite_features_raise_naming_the_rows(tmp_path):
+  ext = features_lib.FeatureExtractor(
+      lambda p, x: {"pool_2048": jnp.where(x.reshape(x.shape[0], -1) > 250, jnp.nan, 1.0)},
+      {}, batch_size=4, name="nan-for-bright")
+  images = np.random.default_rng(2).integers(0, 200, (5, 2, 2, 1), dtype=np.uint8)
+  images[3, 0, 0, 0] = 255
+  with pytest.raises(ValueError, match=r"pool_2048: 1 of 5 new images have non-finite "
+                                       r"features \(input rows \[3\]\)"):
+    ff.cached_features(ext, "pool_2048", images, tmp_path)
+  assert not list(tmp_path.glob("*/*.npz"))  # nothing cached

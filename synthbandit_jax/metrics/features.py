@@ -74,7 +74,7 @@ DEFAULT_INCEPTION_TAPS = ("pool_192", "pool_2048")
 VGG_FC7_TAP = "vgg_fc7"
 VGG_LOGITS_TAP = "vgg_logits"
 _FEATURE_PREFIX = "feature__"
-NONFINITE_MODES = ("warn", "raise")
+NONFINITE_MODES = ("warn", "raise", "keep")
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -489,7 +489,8 @@ def extract_arrays(extractor: FeatureExtractor, images: np.ndarray, *, nonfinite
 
   All rows are returned (the output is positional). Rows with NaN/Inf features are
   reported: ``nonfinite="warn"`` logs a warning listing them, ``"raise"`` raises a
-  ValueError. Use `extract_feature_set` to have them excluded instead.
+  ValueError, ``"keep"`` returns them silently (for callers that check the rows
+  themselves). Use `extract_feature_set` to have them excluded instead.
   """
   if nonfinite not in NONFINITE_MODES:
     raise ValueError(f"nonfinite={nonfinite!r}; use one of {NONFINITE_MODES}")
@@ -509,7 +510,8 @@ def extract_arrays(extractor: FeatureExtractor, images: np.ndarray, *, nonfinite
            + ("; ..." if len(col.bad) > 5 else "") + ")")
     if nonfinite == "raise":
       raise ValueError(msg + ". Check those images, or use extract_feature_set to exclude them")
-    log.warning("%s; they are kept in the output", msg)
+    if nonfinite == "warn":
+      log.warning("%s; they are kept in the output", msg)
   return feats
 
 

@@ -99,6 +99,8 @@ def cached_features(extractor, tap: str, images: np.ndarray, cache_dir: str | Pa
   shards of {keys: sha1 of the image bytes, features}; images already there (from any
   earlier call: another split, dataset or run) are not recomputed, duplicates are computed
   once, and the new ones are added as one more shard (written atomically, by process 0).
+  With several processes each extracts its share of the new images (`_extract_shared`).
+  Images with NaN/Inf features raise a ValueError naming their rows.
   """
   from synthbandit_jax import parallel  # pylint: disable=g-import-not-at-top
   from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
@@ -113,11 +115,14 @@ def cached_features(extractor, tap: str, images: np.ndarray, cache_dir: str | Pa
     rows = np.fromiter(todo.values(), np.int64, len(todo))
     log.info("features %s: %d of %d images not cached yet (%s)", tap, len(rows), len(images),
              store)
-    out = features_lib.extract_arrays(extractor, images[rows], nonfinite="raise",
-                                      progress=progress)
-    new = np.asarray(out[tap], np.float32)
+    new = _extract_shared(extractor, tap, images[rows], progress=progress)
+    bad = np.flatnonzero(~np.isfinite(new).all(axis=1))
+    if len(bad):  # every process holds the same `new`: all raise alike
+      raise ValueError(f"features {tap}: {len(bad)} of {len(rows)} new images have non-finite "
+                       f"features (input rows {rows[bad[:5]].tolist()}"
+                       + (", ..." if len(bad) > 5 else "") + "); check those images")
     new_keys = keys[rows]
-    if parallel.is_main_process():  # every process computed the same features
+    if parallel.is_main_process():  # every process holds the same features
       name = hashlib.sha1(b"".join(sorted(new_keys.tolist()))).hexdigest()[:16]
       sio.atomic_save_npz(store / f"{name}.npz", keys=new_keys, features=new)
     known.update(zip(new_keys.tolist(), new))
@@ -125,6 +130,34 @@ def cached_features(extractor, tap: str, images: np.ndarray, cache_dir: str | Pa
     dim = next(iter(extractor.feature_dims(images.shape[1:]).values()))
     return np.zeros((0, dim), np.float32)
   return np.stack([known[k] for k in keys.tolist()]).astype(np.float32, copy=False)
+
+
+def _extract_shared(extractor, tap: str, images: np.ndarray, *, progress: bool,
+                    process_index: int | None = None, process_count: int | None = None,
+                    gather: Any = None) -> np.ndarray:
+  """float32 [N, D] features of `images`, computed once across processes: each extracts
+  every process_count-th image on its own devices (`parallel.process_slice`, as the scoring
+  stage does) and the pieces are gathered, so every process returns all N rows in order.
+  (`process_index`, `process_count`, `gather` default to this run's; tests pass their own.)
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from synthbandit_jax import parallel  # pylint: disable=g-import-not-at-top
+  from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
+  pc = jax.process_count() if process_count is None else process_count
+  pi = jax.process_index() if process_index is None else process_index
+  gather = parallel.gather_rows if gather is None else gather
+  n = len(images)
+  mine = parallel.process_slice(n, pi, pc)
+  # NaN/Inf rows are kept here and reported by the caller once all rows are together.
+  part = np.asarray(features_lib.extract_arrays(extractor, images[mine], nonfinite="keep",
+                                                progress=progress)[tap], np.float32)
+  if pc == 1:
+    return part
+  pieces = gather(part)
+  out = np.empty((n,) + part.shape[1:], np.float32)
+  for p, piece in enumerate(pieces):
+    out[parallel.process_slice(n, p, pc)] = piece
+  return out
 
 
 def feature_inputs(config, inputs: Any, cache_dir: str | Path, *, progress: bool = True) -> Any:
