@@ -205,28 +205,30 @@ def compute_dtype(score_config):
   return SCORE_DTYPES[name]
 
 
+def _input_side(score_config, key: str, network: str, own: int, minimum: int,
+                own_note: str) -> int | None:
+  """`score.<key>`: None (0 or `own`, the network's own side) or the side, checked."""
+  size = int(score_config.get(key, 0) or 0)
+  if size == 0 or size == own:
+    return None
+  if size < minimum:
+    raise ValueError(f"score.{key}={size}: {network} needs >= {minimum} pixels "
+                     f"(0 = {own}, {own_note})")
+  return size
+
+
 def inception_size(score_config) -> int | None:
   """`score.inception_size`: None (299, FID's own input) or the side, checked (>= 75)."""
   from synthbandit_jax.models import inception as inc  # pylint: disable=import-outside-toplevel
-  size = int(score_config.get("inception_size", 0) or 0)
-  if size == 0 or size == inc.INPUT_SIZE:
-    return None
-  if size < inc.MIN_INPUT_SIZE:
-    raise ValueError(f"score.inception_size={size}: the Inception needs >= {inc.MIN_INPUT_SIZE} "
-                     f"pixels (0 = {inc.INPUT_SIZE}, the size FID is defined at)")
-  return size
+  return _input_side(score_config, "inception_size", "the Inception", inc.INPUT_SIZE,
+                     inc.MIN_INPUT_SIZE, "the size FID is defined at")
 
 
 def vgg16_size(score_config) -> int | None:
   """`score.vgg16_size`: None (224, VGG16's own input) or the side, checked (>= 32)."""
   from synthbandit_jax.models import vgg as vgg_lib  # pylint: disable=import-outside-toplevel
-  size = int(score_config.get("vgg16_size", 0) or 0)
-  if size == 0 or size == vgg_lib.INPUT_SIZE:
-    return None
-  if size < vgg_lib.MIN_INPUT_SIZE:
-    raise ValueError(f"score.vgg16_size={size}: VGG16 needs >= {vgg_lib.MIN_INPUT_SIZE} pixels "
-                     f"(0 = {vgg_lib.INPUT_SIZE}, its own input size)")
-  return size
+  return _input_side(score_config, "vgg16_size", "VGG16", vgg_lib.INPUT_SIZE,
+                     vgg_lib.MIN_INPUT_SIZE, "its own input size")
 
 
 def _join(a: features_lib.FeatureSet, b: features_lib.FeatureSet) -> features_lib.FeatureSet:
