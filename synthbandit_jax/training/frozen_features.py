@@ -103,7 +103,6 @@ def cached_features(extractor, tap: str, images: np.ndarray, cache_dir: str | Pa
   Images with NaN/Inf features raise a ValueError naming their rows.
   """
   from synthbandit_jax import parallel  # pylint: disable=g-import-not-at-top
-  from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
   store = Path(cache_dir) / f"{sio.safe_filename(tap)}-{extractor.fingerprint[:16]}"
   keys = _image_keys(images)
   known = _read_store(store) if store.exists() else {}
