@@ -260,6 +260,22 @@ def process_slice(n: int, process_index: int | None = None,
   return np.arange(pi, n, pc)
 
 
+def gather_process_slices(part: np.ndarray, n: int, *, process_count: int | None = None,
+                          gather: Any = None) -> np.ndarray:
+  """The inverse of `process_slice`: every process's `part` (its rows of `range(n)`, in
+  order) put back into one [n, ...] array, the same on every process. `gather` defaults to
+  `gather_rows` (tests pass a stand-in)."""
+  part = np.asarray(part)
+  pc = jax.process_count() if process_count is None else process_count
+  if pc == 1:
+    return part
+  pieces = (gather_rows if gather is None else gather)(part)
+  out = np.empty((n,) + part.shape[1:], part.dtype)
+  for p, piece in enumerate(pieces):
+    out[process_slice(n, p, pc)] = piece
+  return out
+
+
 def sync(name: str) -> None:
   """A barrier across all processes (no-op with one)."""
   if jax.process_count() > 1:

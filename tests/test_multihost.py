@@ -93,6 +93,8 @@ out = {{}}
 rows = np.arange(PID + 2, dtype=np.float32).reshape(-1, 1) + 10 * PID
 out["gather"] = [g.ravel().tolist() for g in parallel.gather_rows(rows)]
 out["slice"] = parallel.process_slice(7).tolist()
+out["regathered"] = parallel.gather_process_slices(
+    np.arange(7.0)[parallel.process_slice(7)] * 10, 7).tolist()
 parallel.assert_same_on_all_processes({{"a": np.ones(3)}}, "equal tree")
 try:
   parallel.assert_same_on_all_processes({{"a": np.full(3, PID)}}, "the test tree")
@@ -120,6 +122,7 @@ def test_helpers_two_processes(tmp_path):
   for pid, o in enumerate(out):
     assert o["gather"] == [[0.0, 1.0], [10.0, 11.0, 12.0]]  # unequal lengths kept apart
     assert o["slice"] == list(range(pid, 7, 2))
+    assert o["regathered"] == [10.0 * i for i in range(7)]  # both shares, back in order
     assert o["diverged"] is not None and "the test tree differs between processes" in \
         o["diverged"]
     assert o["mesh"] == 4
@@ -131,6 +134,7 @@ def test_helpers_two_processes(tmp_path):
 def test_single_process_helpers_are_plain(tmp_path):
   assert parallel.gather_rows(np.ones((3, 2)))[0].shape == (3, 2)
   assert parallel.process_slice(5).tolist() == list(range(5))
+  assert parallel.gather_process_slices(np.arange(5), 5).tolist() == list(range(5))
   parallel.assert_same_on_all_processes({"x": np.ones(2)}, "x")  # nothing to compare
   parallel.check_shared_directory(tmp_path)
   parallel.sync("nothing")

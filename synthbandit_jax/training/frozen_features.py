@@ -136,27 +136,18 @@ def _extract_shared(extractor, tap: str, images: np.ndarray, *, progress: bool,
                     gather: Any = None) -> np.ndarray:
   """float32 [N, D] features of `images`, computed once across processes: each extracts
   every process_count-th image on its own devices (`parallel.process_slice`, as the scoring
-  stage does) and the pieces are gathered, so every process returns all N rows in order.
-  (`process_index`, `process_count`, `gather` default to this run's; tests pass their own.)
+  stage does) and the pieces are gathered (`parallel.gather_process_slices`), so every
+  process returns all N rows in order. (`process_index`, `process_count`, `gather` default
+  to this run's; tests pass their own.)
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from synthbandit_jax import parallel  # pylint: disable=g-import-not-at-top
   from synthbandit_jax.metrics import features as features_lib  # pylint: disable=g-import-not-at-top
-  pc = jax.process_count() if process_count is None else process_count
-  pi = jax.process_index() if process_index is None else process_index
-  gather = parallel.gather_rows if gather is None else gather
-  n = len(images)
-  mine = parallel.process_slice(n, pi, pc)
+  mine = parallel.process_slice(len(images), process_index, process_count)
   # NaN/Inf rows are kept here and reported by the caller once all rows are together.
   part = np.asarray(features_lib.extract_arrays(extractor, images[mine], nonfinite="keep",
                                                 progress=progress)[tap], np.float32)
-  if pc == 1:
-    return part
-  pieces = gather(part)
-  out = np.empty((n,) + part.shape[1:], np.float32)
-  for p, piece in enumerate(pieces):
-    out[parallel.process_slice(n, p, pc)] = piece
-  return out
+  return parallel.gather_process_slices(part, len(images), process_count=process_count,
+                                        gather=gather)
 
 
 def feature_inputs(config, inputs: Any, cache_dir: str | Path, *, progress: bool = True) -> Any:
