@@ -79,6 +79,9 @@ _TORCH_DTYPE = flags.DEFINE_enum("torch_dtype", "auto",
                                  "The peer's dtype (auto: float16 on GPU, float32 on CPU).")
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch.set_num_threads value; 0 = os.cpu_count().")
+_VGG_MICROBATCH = flags.DEFINE_integer(
+    "vgg_microbatch", -1, "Ours: images per step of VGG16's conv stack (-1 = the extractor's "
+    "default: features.VGG_CPU_MICROBATCH on CPU, off on GPU; 0 = the whole batch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the images, weights and features.")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the results (atomic).")
 
@@ -231,8 +234,9 @@ def _vgg_sides(torch, np, images, batch: int, ours_dtype, torch_dtype, tdev: str
   from synthbandit_jax.models import vgg  # pylint: disable=import-outside-toplevel
   from synthbandit_jax.weights import vgg_import  # pylint: disable=import-outside-toplevel
   sd = _vgg_state_dict(np, seed)
+  mb = None if _VGG_MICROBATCH.value < 0 else _VGG_MICROBATCH.value
   ex = features.vgg16_extractor(vgg_import.params_from_torchvision(sd), batch_size=batch,
-                                dtype=ours_dtype)
+                                dtype=ours_dtype, microbatch=mb)
   model, kind = _torch_vgg16(torch)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   del sd
@@ -389,6 +393,7 @@ def main(argv):
              "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
              "platform": platform.platform(), "python": platform.python_version(),
              "ours_dtype": jnp.dtype(ours_dtype).name, "torch_dtype": str(torch_dtype),
+             "vgg_microbatch": _VGG_MICROBATCH.value,  # -1: the extractor's default
              "load_average_before": _load_average()}
   print(f"jax {machine['jax']} {machine['jax_devices']} | torch {machine['torch']} threads="
         f"{machine['torch_threads']} (cpu_count {machine['cpu_count']}) | device={kind} | "

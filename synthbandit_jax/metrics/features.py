@@ -73,6 +73,10 @@ CACHE_FORMAT = "synthbandit_jax.features/1"
 DEFAULT_INCEPTION_TAPS = ("pool_192", "pool_2048")
 VGG_FC7_TAP = "vgg_fc7"
 VGG_LOGITS_TAP = "vgg_logits"
+# Images per step of VGG16's convolution stack on CPU (`vgg16_extractor(microbatch=None)`):
+# 1 and 2 were the fastest of 0 (whole batch), 1, 2 and 4 on the 2-core machine
+# (benchmarks/README.md, "score_throughput.py").
+VGG_CPU_MICROBATCH = 2
 _FEATURE_PREFIX = "feature__"
 NONFINITE_MODES = ("warn", "raise", "keep")
 
@@ -821,7 +825,8 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
                     taps: Sequence[str] = (VGG_FC7_TAP,), mesh: Mesh | None = None,
                     antialias: bool = True, precision: Any = None,
                     cache_dir: str | os.PathLike | None = None,
-                    input_size: int | None = None) -> FeatureExtractor:
+                    input_size: int | None = None,
+                    microbatch: int | None = None) -> FeatureExtractor:
   """A FeatureExtractor for torchvision VGG16's fc7 (4096-d, after ReLU): tap "vgg_fc7".
 
   Images (uint8, any size, 1/3/4 channels) are resized to 224x224 (or `input_size`; torch
@@ -841,6 +846,11 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
     cache_dir: msgpack params cache root for `weights` (default the assets cache).
     input_size: the resize side; None = 224 (the network's own). >= 32 costs ~(size/224)^2
       of the compute; the features then differ from those at 224 px.
+    microbatch: images per step of the convolution stack on each device
+      (`synthbandit_jax.models.vgg.apply_microbatched`; the same features up to float
+      rounding, faster on CPU where a whole batch's activations leave the caches); 0 = the
+      whole batch at once. Not part of `name` (it does not change what is computed).
+      None = `VGG_CPU_MICROBATCH` when the mesh's devices are CPUs, else 0.
   """
   from synthbandit_jax.models import vgg as vgg_lib  # pylint: disable=import-outside-toplevel
   size = vgg_lib.INPUT_SIZE if input_size is None else int(input_size)
@@ -871,8 +881,17 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
   model = vgg_lib.VGG16(with_logits=with_logits, num_classes=num_classes, dtype=dtype,
                         precision=precision, antialias=antialias, input_size=size)
 
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  if microbatch is None:
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    microbatch = VGG_CPU_MICROBATCH if on_cpu else 0
+  if int(microbatch) < 0:
+    raise ValueError(f"vgg16_extractor microbatch={microbatch}: needs >= 0 (0 = off)")
+  shards = parallel.mesh_size(mesh)
+
   def apply_fn(p, images):
-    out = model.apply({"params": p}, images)
+    out = vgg_lib.apply_microbatched(model, {"params": p}, images,
+                                     microbatch=int(microbatch), shards=shards)
     return {t: out["fc7" if t == VGG_FC7_TAP else "logits"] for t in taps}
 
   name = (f"vgg16_torchvision(taps={','.join(taps)},dtype={jnp.dtype(dtype).name},"
