@@ -15,6 +15,11 @@ float64).
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -25,6 +30,9 @@ from synthbandit_jax.metrics import features as feat
 from synthbandit_jax.models import vgg
 from synthbandit_jax.weights import state_dict as sd_lib
 from synthbandit_jax.weights import vgg_import
+from tests import xla_flags
+
+REPO = Path(__file__).resolve().parents[1]
 
 REL_TOL = 1e-4
 # Micro-batched vs whole-batch rows (same float32 math; XLA may sum a smaller batch's
@@ -353,3 +361,47 @@ def test_microbatched_conv_stack_gives_the_same_rows(params, torch_model):
   assert _rel_err(ext(img)["vgg_fc7"], ref) < REL_TOL
   with pytest.raises(ValueError, match="microbatch=-1: needs >= 0"):
     feat.vgg16_extractor(params, microbatch=-1, mesh=parallel.make_mesh(1))
+
+
+_TWO_DEVICE_SCRIPT = """
+import sys
+import numpy as np, jax, jax.numpy as jnp
+from synthbandit_jax import parallel
+from synthbandit_jax.metrics import features as feat
+from synthbandit_jax.models import vgg
+from synthbandit_jax.weights import vgg_import
+from tests.test_vgg import random_state_dict
+assert jax.local_device_count() == 2, jax.local_devices()
+params = vgg_import.params_from_torchvision(random_state_dict(0), with_logits=False)
+images = np.random.default_rng(8).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+ext = feat.vgg16_extractor(params, batch_size=4, input_size=32, microbatch=1)
+fc7 = feat.extract_arrays(ext, images)["vgg_fc7"]
+mesh = parallel.make_mesh()
+x = jax.device_put(jnp.asarray(images), parallel.batch_sharded(mesh))
+p = jax.device_put(params, parallel.replicated(mesh))
+gathers = []
+for shards in (2, 1):
+  f = jax.jit(lambda p, x, s=shards: vgg.apply_microbatched(
+      vgg.VGG16(input_size=32), {"params": p}, x, microbatch=1, shards=s))
+  gathers.append("all-gather" in f.lower(p, x).compile().as_text())
+np.savez(sys.argv[1], fc7=fc7, images=images, gathers=np.array(gathers))
+"""
+
+
+def test_microbatches_over_two_devices_stay_local(params, tmp_path):
+  """2 CPU devices, batch 4 (2 rows each), micro-batches of 1: the extractor's rows equal the
+  whole batch on one device (within MICROBATCH_REL_TOL), and with ``shards`` = the device
+  count the compiled program gathers nothing across devices (with ``shards=1`` the same loop
+  over a sharded batch does: the check can fail)."""
+  out = tmp_path / "two.npz"
+  env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"),
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep
+             + os.environ.get("PYTHONPATH", ""))
+  res = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT, str(out)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stdout + res.stderr
+  got = np.load(out)
+  no_fc8 = {k: v for k, v in params.items() if k != "classifier_6"}
+  whole = vgg.VGG16(input_size=32).apply({"params": no_fc8}, jnp.asarray(got["images"]))["fc7"]
+  assert _rel_err(got["fc7"], whole) < MICROBATCH_REL_TOL
+  assert got["gathers"].tolist() == [False, True]
