@@ -72,7 +72,7 @@ _FILE_SECONDS = {
     "test_trainer.py": 102, "test_llama.py": 99, "test_train_generator.py": 95,
     "test_classifiers.py": 94, "test_score_stage.py": 92, "test_generate_stage.py": 90,
     "test_attributes.py": 72, "test_epoch.py": 69, "test_multihost.py": 69,
-    "test_diffusion.py": 68, "test_vgg.py": 64, "test_inception.py": 63, "test_unet.py": 58,
+    "test_diffusion.py": 68, "test_vgg.py": 85, "test_inception.py": 63, "test_unet.py": 58,
     "test_bandits.py": 43, "test_schedulers.py": 29, "test_frozen_features.py": 26,
     "test_vae.py": 22,
 }
