@@ -205,6 +205,9 @@ class VGG16(nn.Module):
   size (preprocessed by `preprocess`: resize to 224x224, ImageNet normalisation), or
   ``model.apply(..., x, preprocessed=True)`` with an already normalised float NHWC input of
   any spatial size >= 32 (no resize; the adaptive pool maps the last map to 7x7).
+  The same computation in three steps (``method=``): `prepare` (preprocess + checks),
+  `conv_features` (the conv stack + adaptive pool, per image) and `head` (fc6, fc7, fc8);
+  `apply_microbatched` runs the middle one a few images at a time (faster on CPU).
 
   Attributes:
     with_logits: add fc8 (``classifier_6``, `num_classes` outputs) and return "logits".
@@ -310,7 +313,10 @@ def apply_microbatched(model: VGG16, variables: Any, images: jax.Array, *,
   local = n // shards
   m = _largest_divisor(local, int(microbatch)) if microbatch > 0 else local
   steps = local // m
-  conv = lambda t: model.apply(variables, t, method=VGG16.conv_features)
+
+  def conv(t):
+    return model.apply(variables, t, method=VGG16.conv_features)
+
   if steps <= 1:
     feats = conv(x)
   else:
