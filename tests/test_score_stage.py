@@ -121,6 +121,10 @@ def test_fcs_backbone_config_errors(tmp_path):
   c.score.vgg16_size = 16
   with pytest.raises(ValueError, match=r"score\.vgg16_size=16: VGG16 needs >= 32"):
     stage.run_scoring(c, tmp_path, progress=False)
+  c.score.vgg16_size = 0
+  c.score.vgg16_microbatch = -2
+  with pytest.raises(ValueError, match=r"score\.vgg16_microbatch=-2: -1 \(auto"):
+    stage.run_scoring(c, tmp_path, progress=False)
   c.score.fcs_backbone = "resnet"
   with pytest.raises(ValueError, match=r"score\.fcs_backbone='resnet'"):
     stage.run_scoring(c, tmp_path, progress=False)

@@ -65,7 +65,10 @@ measured on the demo's 28 px digits (139 vs 299), Spearman 0.94 for DPS and 0.98
 fid_192 but only 0.24 for FCS, 0.45 for fid_2048 and 0.36 for realism; on a controlled pool
 U and DPS validated as well at 139, realism and fid_2048 much worse (configs/demo.py).
 `score.vgg16_size` (0 = 224) does the same for VGG16 when it is the FCS backbone (>= 32;
-112 is 4x less compute); `scoring.json` records it as "vgg16_size".
+112 is 4x less compute); `scoring.json` records it as "vgg16_size". `score.vgg16_microbatch`
+(-1 = 2 on CPU, off on GPU; 0 = off) is how many images per step VGG16's conv stack takes
+inside each batch (`models.vgg.apply_microbatched`: faster on CPU, same features to float
+rounding, so not recorded).
 """
 from __future__ import annotations
 
@@ -229,6 +232,16 @@ def vgg16_size(score_config) -> int | None:
   from synthbandit_jax.models import vgg as vgg_lib  # pylint: disable=import-outside-toplevel
   return _input_side(score_config, "vgg16_size", "VGG16", vgg_lib.INPUT_SIZE,
                      vgg_lib.MIN_INPUT_SIZE, "its own input size")
+
+
+def vgg16_microbatch(score_config) -> int | None:
+  """`score.vgg16_microbatch`: None (-1: the extractor's default, 2 images per step of the
+  conv stack on CPU, off elsewhere), 0 (off: the whole batch at once) or images per step."""
+  value = score_config.get("vgg16_microbatch", -1)
+  if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+    raise ValueError(f"score.vgg16_microbatch={value!r}: -1 (auto: 2 on CPU, off on GPU), 0 "
+                     "(off) or the images per step of VGG16's conv stack")
+  return None if value == -1 else value
 
 
 def _join(a: features_lib.FeatureSet, b: features_lib.FeatureSet) -> features_lib.FeatureSet:
@@ -457,6 +470,7 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
   backbone = fcs_backbone(sc)
   weights = vgg16_weights(sc) if backbone == "vgg16" and fcs_extractor is None else None
   vgg_size = vgg16_size(sc) if backbone == "vgg16" and fcs_extractor is None else None
+  vgg_micro = vgg16_microbatch(sc) if backbone == "vgg16" and fcs_extractor is None else None
   inc_weights = inception_weights(sc) if extractor is None else None
   splits, skipped = inputs_lib.real_splits(config)
   spec, train = pool_spec(config, workdir, splits["train"], splits, progress=progress)
@@ -473,7 +487,8 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
                                                  input_size=size)
   if backbone == "vgg16" and fcs_extractor is None:
     fcs_extractor = features_lib.vgg16_extractor(weights=weights, batch_size=int(sc.batch_size),
-                                                 dtype=dtype, input_size=vgg_size)
+                                                 dtype=dtype, input_size=vgg_size,
+                                                 microbatch=vgg_micro)
   extractors = {INCEPTION: extractor}
   if backbone == "vgg16":
     extractors[VGG16] = fcs_extractor
