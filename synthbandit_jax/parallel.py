@@ -158,6 +158,45 @@ def mesh_size(mesh: Mesh) -> int:
   return int(mesh.devices.size)
 
 
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+def microbatched(fn: Any, x: jax.Array, *, microbatch: int, shards: int = 1) -> Any:
+  """``fn(x)`` computed `microbatch` rows at a time (a `jax.lax.map`); jittable.
+
+  For a row-independent `fn` (row i of each output depends on row i of `x` only, e.g. a
+  network in inference) whose outputs, an array or a pytree of arrays, have `x`'s leading
+  axis. The values are ``fn(x)``'s up to float rounding (XLA may order a smaller batch's
+  sums differently). On CPU this is faster for convolution stacks whose whole-batch
+  activations leave the caches (benchmarks/README.md, score_throughput); on GPUs it only
+  costs parallelism.
+
+  Args:
+    microbatch: rows per step per shard; 0 (or >= the rows) calls ``fn(x)`` once. A value
+      that does not divide each shard's rows is lowered to the largest one that does.
+    shards: the number of equal contiguous blocks the batch axis is split into over devices
+      (the mesh's device count): each step takes `microbatch` rows from every block, so the
+      loop runs over an unsharded axis and no device waits on another's rows. Rows that do
+      not split into `shards` blocks are taken as one block.
+  """
+  n = x.shape[0]
+  shards = int(shards) if int(shards) >= 1 and n % int(shards) == 0 else 1
+  local = n // shards
+  m = _largest_divisor(local, int(microbatch)) if int(microbatch) > 0 else local
+  steps = local // m
+  if steps <= 1:
+    return fn(x)
+  tail = x.shape[1:]
+  xs = x.reshape(shards, steps, m, *tail).swapaxes(0, 1).reshape(steps, shards * m, *tail)
+  ys = jax.lax.map(fn, xs)
+
+  def back(y):
+    return y.reshape(steps, shards, m, *y.shape[2:]).swapaxes(0, 1).reshape(n, *y.shape[2:])
+
+  return jax.tree.map(back, ys)
+
+
 def check_divisible(batch_size: int, mesh: Mesh, key: str) -> None:
   """Raises a clear error when a batch size does not split over the mesh's data axis."""
   n = data_size(mesh)

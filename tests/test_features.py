@@ -308,6 +308,42 @@ print("MULTI_DEVICE_OK")
 """
 
 
+def test_microbatched_equals_one_call_in_order():
+  """`parallel.microbatched` on a row-wise function with a pytree output: every (microbatch,
+  shards) layout gives fn(x) row for row (a wrong reassembly would permute rows), the loop
+  runs when there is more than one step and not otherwise."""
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(12, 5)).astype(np.float32))
+
+  def fn(t):
+    return {"sum": t.sum(axis=1), "scaled": t[:, :2] * 3.0 + jnp.arange(2.0)}
+
+  want = jax.tree.map(np.asarray, fn(x))
+  for microbatch, shards, loops in ((1, 1, True), (5, 1, True), (4, 2, True), (1, 3, True),
+                                    (2, 6, False), (0, 2, False), (12, 1, False),
+                                    (3, 5, True)):  # 12 rows do not split into 5 blocks
+    run = lambda t, m=microbatch, s=shards: parallel.microbatched(fn, t, microbatch=m,
+                                                                    shards=s)
+    got = jax.tree.map(np.asarray, jax.jit(run)(x))
+    for k in want:
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=f"{microbatch}/{shards}")
+    assert ("scan[" in str(jax.make_jaxpr(run)(x))) == loops, (microbatch, shards)
+
+
+def test_inception_microbatches_give_the_same_taps():
+  params = _cached_inception_params_or_skip()
+  images = np.random.default_rng(4).integers(0, 256, size=(4, 40, 40, 3), dtype=np.uint8)
+  mesh = parallel.make_mesh(1)
+  whole = feat.inception_extractor(params, batch_size=4, mesh=mesh, input_size=75,
+                                   microbatch=0)(images)
+  parts = feat.inception_extractor(params, batch_size=4, mesh=mesh, input_size=75,
+                                   microbatch=1)(images)
+  for tap in whole:
+    scale = np.abs(whole[tap]).max()
+    np.testing.assert_allclose(parts[tap], whole[tap], rtol=0, atol=1e-5 * scale, err_msg=tap)
+  with pytest.raises(ValueError, match="inception_extractor microbatch=-1: needs >= 0"):
+    feat.inception_extractor(params, mesh=mesh, microbatch=-1)
+
+
 def test_four_device_mesh_equals_one_device():
   env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=4"),
              JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep

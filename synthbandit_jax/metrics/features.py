@@ -77,6 +77,9 @@ VGG_LOGITS_TAP = "vgg_logits"
 # 1 and 2 were the fastest of 0 (whole batch), 1, 2 and 4 on the 2-core machine
 # (benchmarks/README.md, "score_throughput.py").
 VGG_CPU_MICROBATCH = 2
+# The same for the Inception (`inception_extractor(microbatch=None)`): 4 had the best mean of
+# 0, 1, 2 and 4 at batch 8 and of 0, 2, 4 and 8 at batch 32 on the 2-core machine.
+INCEPTION_CPU_MICROBATCH = 4
 _FEATURE_PREFIX = "feature__"
 NONFINITE_MODES = ("warn", "raise", "keep")
 
@@ -762,10 +765,21 @@ def extract_pool_cached(extractor: FeatureExtractor, pool_root: str | os.PathLik
 # -------------------------------------------------------------------------------- inception
 
 
+def _microbatch_for(mesh: Mesh, microbatch: int | None, cpu_default: int, who: str) -> int:
+  """An extractor's `microbatch`: None -> `cpu_default` on a mesh of CPUs, else 0 (off)."""
+  if microbatch is None:
+    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
+    return cpu_default if on_cpu else 0
+  if int(microbatch) < 0:
+    raise ValueError(f"{who} microbatch={microbatch}: needs >= 0 (0 = off)")
+  return int(microbatch)
+
+
 def inception_extractor(params: Any = None, *, batch_size: int = 64, dtype: Any = jnp.float32,
                         taps: Sequence[str] = DEFAULT_INCEPTION_TAPS, mesh: Mesh | None = None,
                         resize: str = "tf", precision: Any = None,
-                        input_size: int | None = None) -> FeatureExtractor:
+                        input_size: int | None = None,
+                        microbatch: int | None = None) -> FeatureExtractor:
   """A FeatureExtractor for the FID Inception-V3 taps.
 
   Args:
@@ -780,6 +794,11 @@ def inception_extractor(params: Any = None, *, batch_size: int = 64, dtype: Any 
     input_size: the side the images are resized to (default 299, the network's own and the
       one FID is defined at). Any size >= 75 works (the taps are spatial means): smaller
       inputs cost ~(size / 299)^2 of the compute, for a frozen backbone on small images.
+    microbatch: images per step of the network on each device
+      (`synthbandit_jax.parallel.microbatched`; the same taps up to float rounding, faster on
+      CPU where a whole batch's activations leave the caches); 0 = the whole batch at once.
+      None = `INCEPTION_CPU_MICROBATCH` when the mesh's devices are CPUs, else 0. Not part of
+      `name` (it does not change what is computed).
   """
   from synthbandit_jax.models import inception as inc  # pylint: disable=import-outside-toplevel
   if params is None:
@@ -806,10 +825,16 @@ def inception_extractor(params: Any = None, *, batch_size: int = 64, dtype: Any 
                      f"{inc.MIN_INPUT_SIZE} pixels (its stem and reductions shrink the map "
                      "to 1x1 there)")
   model = inc.InceptionV3FID(with_logits=with_logits, dtype=dtype, precision=precision)
+  mesh = mesh if mesh is not None else parallel.make_mesh()
+  microbatch = _microbatch_for(mesh, microbatch, INCEPTION_CPU_MICROBATCH,
+                               "inception_extractor")
+  shards = parallel.mesh_size(mesh)
 
   def apply_fn(p, images):
-    out = model.apply({"params": p}, inc.preprocess(images, resize=resize, size=size))
-    return {t: out[t] for t in taps}
+    def net(rows):
+      out = model.apply({"params": p}, inc.preprocess(rows, resize=resize, size=size))
+      return {t: out[t] for t in taps}
+    return parallel.microbatched(net, images, microbatch=microbatch, shards=shards)
 
   name = (f"inception_v3_fid(taps={','.join(taps)},dtype={jnp.dtype(dtype).name},"
           f"resize={resize},precision={precision}"
@@ -882,16 +907,12 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
                         precision=precision, antialias=antialias, input_size=size)
 
   mesh = mesh if mesh is not None else parallel.make_mesh()
-  if microbatch is None:
-    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-    microbatch = VGG_CPU_MICROBATCH if on_cpu else 0
-  if int(microbatch) < 0:
-    raise ValueError(f"vgg16_extractor microbatch={microbatch}: needs >= 0 (0 = off)")
+  microbatch = _microbatch_for(mesh, microbatch, VGG_CPU_MICROBATCH, "vgg16_extractor")
   shards = parallel.mesh_size(mesh)
 
   def apply_fn(p, images):
-    out = vgg_lib.apply_microbatched(model, {"params": p}, images,
-                                     microbatch=int(microbatch), shards=shards)
+    out = vgg_lib.apply_microbatched(model, {"params": p}, images, microbatch=microbatch,
+                                     shards=shards)
     return {t: out["fc7" if t == VGG_FC7_TAP else "logits"] for t in taps}
 
   name = (f"vgg16_torchvision(taps={','.join(taps)},dtype={jnp.dtype(dtype).name},"

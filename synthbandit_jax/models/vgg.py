@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from synthbandit_jax import parallel
 from synthbandit_jax.models import resample
 
 Dtype = Any
@@ -282,10 +283,6 @@ class VGG16(nn.Module):
     return out
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-  return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
-
-
 def apply_microbatched(model: VGG16, variables: Any, images: jax.Array, *,
                        microbatch: int = 0, shards: int = 1,
                        preprocessed: bool = False) -> dict[str, jax.Array]:
@@ -303,28 +300,14 @@ def apply_microbatched(model: VGG16, variables: Any, images: jax.Array, *,
     microbatch: images per step per shard; 0 (or >= the batch) runs the batch at once. A
       value that does not divide each shard's rows is lowered to the largest one that does.
     shards: how many equal contiguous blocks the batch axis is split into over devices (the
-      mesh's device count): each step takes `microbatch` rows from every block, so the loop
-      runs over an unsharded axis and no device waits on another's rows. A batch that does
-      not split into `shards` blocks is taken as one.
+      mesh's device count; `synthbandit_jax.parallel.microbatched`).
   """
   x = model.apply(variables, images, preprocessed=preprocessed, method=VGG16.prepare)
-  n = x.shape[0]
-  shards = int(shards) if shards >= 1 and n % int(shards) == 0 else 1
-  local = n // shards
-  m = _largest_divisor(local, int(microbatch)) if microbatch > 0 else local
-  steps = local // m
 
   def conv(t):
     return model.apply(variables, t, method=VGG16.conv_features)
 
-  if steps <= 1:
-    feats = conv(x)
-  else:
-    tail = x.shape[1:]
-    xs = x.reshape(shards, steps, m, *tail).swapaxes(0, 1).reshape(steps, shards * m, *tail)
-    ys = jax.lax.map(conv, xs)
-    out_tail = ys.shape[2:]
-    feats = ys.reshape(steps, shards, m, *out_tail).swapaxes(0, 1).reshape(n, *out_tail)
+  feats = parallel.microbatched(conv, x, microbatch=int(microbatch), shards=int(shards))
   return model.apply(variables, feats, method=VGG16.head)
 
 
