@@ -40,6 +40,7 @@ score.vgg16_size          VGG16 input side for fcs_backbone=vgg16, 0 = 224 (its 
                           ~(size/224)^2 of the compute, fc7 features not those at 224
 score.vgg16_microbatch    images per step of VGG16's conv stack inside a batch: -1 = 2 on CPU
                           (faster there: activations stay in cache), off on GPU; 0 = off
+score.inception_microbatch  the same for the Inception: -1 = 4 on CPU, off on GPU; 0 = off
 score.vgg16_weights       torchvision vgg16 state dict (.pth/.safetensors) for fcs_backbone=vgg16;
                           make it where there is internet: torch.save(torchvision.models.vgg16(
                           weights="IMAGENET1K_V1").state_dict(), path)
@@ -162,6 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.vgg16_weights = ""
   c.score.vgg16_size = 0
   c.score.vgg16_microbatch = -1
+  c.score.inception_microbatch = -1
   c.score.inception_weights = ""
 
   c.attributes = ml_collections.ConfigDict()

@@ -125,6 +125,11 @@ def test_fcs_backbone_config_errors(tmp_path):
   c.score.vgg16_microbatch = -2
   with pytest.raises(ValueError, match=r"score\.vgg16_microbatch=-2: -1 \(auto"):
     stage.run_scoring(c, tmp_path, progress=False)
+  c.score.vgg16_microbatch = -1
+  c.score.inception_microbatch = -3
+  with pytest.raises(ValueError, match=r"score\.inception_microbatch=-3: -1 \(auto: 4"):
+    stage.run_scoring(c, tmp_path, progress=False)
+  c.score.inception_microbatch = -1
   c.score.fcs_backbone = "resnet"
   with pytest.raises(ValueError, match=r"score\.fcs_backbone='resnet'"):
     stage.run_scoring(c, tmp_path, progress=False)

@@ -68,7 +68,8 @@ U and DPS validated as well at 139, realism and fid_2048 much worse (configs/dem
 112 is 4x less compute); `scoring.json` records it as "vgg16_size". `score.vgg16_microbatch`
 (-1 = 2 on CPU, off on GPU; 0 = off) is how many images per step VGG16's conv stack takes
 inside each batch (`models.vgg.apply_microbatched`: faster on CPU, same features to float
-rounding, so not recorded).
+rounding, so not recorded); `score.inception_microbatch` (-1 = 4 on CPU) the same for the
+Inception.
 """
 from __future__ import annotations
 
@@ -234,14 +235,26 @@ def vgg16_size(score_config) -> int | None:
                      vgg_lib.MIN_INPUT_SIZE, "its own input size")
 
 
+def _microbatch(score_config, key: str, cpu_default: int, what: str) -> int | None:
+  value = score_config.get(key, -1)
+  if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+    raise ValueError(f"score.{key}={value!r}: -1 (auto: {cpu_default} on CPU, off on GPU), 0 "
+                     f"(off) or the images per step of {what}")
+  return None if value == -1 else value
+
+
 def vgg16_microbatch(score_config) -> int | None:
   """`score.vgg16_microbatch`: None (-1: the extractor's default, 2 images per step of the
   conv stack on CPU, off elsewhere), 0 (off: the whole batch at once) or images per step."""
-  value = score_config.get("vgg16_microbatch", -1)
-  if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-    raise ValueError(f"score.vgg16_microbatch={value!r}: -1 (auto: 2 on CPU, off on GPU), 0 "
-                     "(off) or the images per step of VGG16's conv stack")
-  return None if value == -1 else value
+  return _microbatch(score_config, "vgg16_microbatch", features_lib.VGG_CPU_MICROBATCH,
+                     "VGG16's conv stack")
+
+
+def inception_microbatch(score_config) -> int | None:
+  """`score.inception_microbatch`: None (-1: the extractor's default, 4 images per step of
+  the Inception on CPU, off elsewhere), 0 (off) or images per step."""
+  return _microbatch(score_config, "inception_microbatch",
+                     features_lib.INCEPTION_CPU_MICROBATCH, "the Inception")
 
 
 def _join(a: features_lib.FeatureSet, b: features_lib.FeatureSet) -> features_lib.FeatureSet:
@@ -471,6 +484,7 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
   weights = vgg16_weights(sc) if backbone == "vgg16" and fcs_extractor is None else None
   vgg_size = vgg16_size(sc) if backbone == "vgg16" and fcs_extractor is None else None
   vgg_micro = vgg16_microbatch(sc) if backbone == "vgg16" and fcs_extractor is None else None
+  inc_micro = inception_microbatch(sc)
   inc_weights = inception_weights(sc) if extractor is None else None
   splits, skipped = inputs_lib.real_splits(config)
   spec, train = pool_spec(config, workdir, splits["train"], splits, progress=progress)
@@ -483,8 +497,8 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
     params = inception_import.cached_inception_params(inc_weights)
     taps = features_lib.DEFAULT_INCEPTION_TAPS + ((LOGITS_TAP,) if "fc" in params else ())
     extractor = features_lib.inception_extractor(params, batch_size=int(sc.batch_size),
-                                                 dtype=dtype, taps=taps,
-                                                 input_size=size)
+                                                 dtype=dtype, taps=taps, input_size=size,
+                                                 microbatch=inc_micro)
   if backbone == "vgg16" and fcs_extractor is None:
     fcs_extractor = features_lib.vgg16_extractor(weights=weights, batch_size=int(sc.batch_size),
                                                  dtype=dtype, input_size=vgg_size,

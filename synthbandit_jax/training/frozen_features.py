@@ -66,7 +66,8 @@ def _extractor(config, features: str):
   size = int(config.model.get("features_size", 0) or 0) or None
   return features_lib.inception_extractor(params, batch_size=int(config.score.batch_size),
                                           dtype=dtype, taps=(FEATURES[features],),
-                                          input_size=size)
+                                          input_size=size,
+                                          microbatch=stage.inception_microbatch(config.score))
 
 
 def _image_keys(images: np.ndarray) -> np.ndarray:
