@@ -296,18 +296,15 @@ def apply_microbatched(model: VGG16, variables: Any, images: jax.Array, *,
   the caches; a few images at a time run faster (2 cores, batch 32: 0.148 -> 0.118 s per
   image for the conv stack, benchmarks/README.md). On GPUs keep ``microbatch=0`` (off).
 
-  Args:
-    microbatch: images per step per shard; 0 (or >= the batch) runs the batch at once. A
-      value that does not divide each shard's rows is lowered to the largest one that does.
-    shards: how many equal contiguous blocks the batch axis is split into over devices (the
-      mesh's device count; `synthbandit_jax.parallel.microbatched`).
+  `microbatch` (images per step per shard, 0 = off) and `shards` (the mesh's device count)
+  are `synthbandit_jax.parallel.microbatched`'s.
   """
   x = model.apply(variables, images, preprocessed=preprocessed, method=VGG16.prepare)
 
   def conv(t):
     return model.apply(variables, t, method=VGG16.conv_features)
 
-  feats = parallel.microbatched(conv, x, microbatch=int(microbatch), shards=int(shards))
+  feats = parallel.microbatched(conv, x, microbatch=microbatch, shards=shards)
   return model.apply(variables, feats, method=VGG16.head)
 
 
