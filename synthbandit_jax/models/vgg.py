@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from synthbandit_jax import parallel
-from synthbandit_jax.models import resample
+from synthbandit_jax.models import pooling, resample
 
 Dtype = Any
 
@@ -264,7 +264,8 @@ class VGG16(nn.Module):
     k = 0
     for v in VGG16_CFG:
       if v == "M":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        # nn.max_pool's values; the strided-slice form runs ~6x faster on XLA:CPU.
+        x = pooling.max_pool(x, (2, 2), (2, 2), "VALID")
         k += 1
       else:
         x = nn.relu(getattr(self, f"features_{k}")(x))
