@@ -104,9 +104,8 @@ class _Tower(nn.Module):
     return x
 
 
-# The pools are `synthbandit_jax.models.pooling`'s separable strided-slice forms: the same
-# values as nn.avg_pool / nn.max_pool (to float rounding for the mean), 3.6-5.2x faster on
-# XLA:CPU (that module's docstring).
+# nn.avg_pool / nn.max_pool's values, computed by `synthbandit_jax.models.pooling` (faster
+# on XLA:CPU; measured there).
 
 
 def _avg_pool_3x3_same(x: jax.Array) -> jax.Array:

@@ -58,6 +58,16 @@ def _reduce_axis(x: jax.Array, axis: int, window: int, stride: int, pad: tuple[i
   return out
 
 
+def _separable(x: jax.Array, window, strides, padding: Padding, op, fill):
+  """`op` over each window, along H then W; also returns the normalised window, strides
+  and (low, high) pads."""
+  window, strides = tuple(window), tuple(strides or (1, 1))
+  pads = _pads(x, window, strides, padding)
+  for axis, k, s, p in zip((1, 2), window, strides, pads):
+    x = _reduce_axis(x, axis, k, s, p, op, fill)
+  return x, window, strides, pads
+
+
 def _lowest(dtype) -> float | int:
   if jnp.issubdtype(dtype, jnp.floating):
     return -np.inf
@@ -67,12 +77,7 @@ def _lowest(dtype) -> float | int:
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | None = None,
              padding: Padding = "VALID") -> jax.Array:
   """`nn.max_pool(x, window, strides, padding)` for NHWC `x` (padding counts as -inf)."""
-  strides = tuple(strides or (1, 1))
-  pads = _pads(x, tuple(window), strides, padding)
-  fill = _lowest(x.dtype)
-  for axis, k, s, p in zip((1, 2), window, strides, pads):
-    x = _reduce_axis(x, axis, k, s, p, jnp.maximum, fill)
-  return x
+  return _separable(x, window, strides, padding, jnp.maximum, _lowest(x.dtype))[0]
 
 
 def _window_counts(size: int, window: int, stride: int, pad: tuple[int, int]) -> np.ndarray:
@@ -89,14 +94,10 @@ def avg_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int] | N
   The window sums are taken in `x`'s dtype, as `nn.avg_pool` takes them; with
   ``count_include_pad=False`` each output is divided by the number of its window's entries
   that lie inside the map (the zero padding excluded)."""
-  strides = tuple(strides or (1, 1))
-  window = tuple(window)
-  pads = _pads(x, window, strides, padding)
-  h, w = x.shape[1:3]
-  for axis, k, s, p in zip((1, 2), window, strides, pads):
-    x = _reduce_axis(x, axis, k, s, p, jnp.add, 0)
+  in_hw = x.shape[1:3]  # unpacked after `_separable` has checked that x is NHWC
+  x, window, strides, pads = _separable(x, window, strides, padding, jnp.add, 0)
   if count_include_pad:
     return x / np.asarray(window[0] * window[1], dtype=x.dtype)
-  counts = np.outer(_window_counts(h, window[0], strides[0], pads[0]),
-                    _window_counts(w, window[1], strides[1], pads[1]))
+  counts = np.outer(*(_window_counts(n, k, st, p)
+                      for n, k, st, p in zip(in_hw, window, strides, pads)))
   return x / jnp.asarray(counts[None, :, :, None], dtype=x.dtype)
