@@ -95,6 +95,28 @@ def test_class_stats_match_direct_formulas(full_cov):
   assert not st.in_class.regularised.any() and not st.out_class.regularised.any()
 
 
+@pytest.mark.parametrize("full_cov", [False, True])
+def test_class_stats_in_many_row_blocks_of_float32(monkeypatch, full_cov):
+  # _class_moments takes each class in row blocks of _BLOCK_BYTES; shrink it so that every
+  # class spans several blocks (5 rows, 7 with full_cov), a ragged last one included, and
+  # feed float32 features around 1e4: the blocks are cast to float64 one by one, so the
+  # result must equal numpy's float64 formulas on the promoted float32 values.
+  monkeypatch.setattr(g, "_BLOCK_BYTES", 8 * 7 * 5)
+  rng = np.random.default_rng(7)
+  y = rng.integers(0, 3, size=203)
+  x32 = (rng.normal(size=(203, 7)) + 2.0 * y[:, None] + 1e4).astype(np.float32)
+  st = g.class_stats(x32, y, 3, full_cov=full_cov)
+  x = x32.astype(np.float64)
+  for c in range(3):
+    mi, ci, mo, co = _direct(x, y, c, full_cov)
+    np.testing.assert_allclose(st.in_class.mean[c], mi, rtol=1e-13)
+    np.testing.assert_allclose(st.out_class.mean[c], mo, rtol=1e-13)
+    np.testing.assert_allclose(st.in_class.var[c], np.diag(ci), rtol=1e-9)
+    np.testing.assert_allclose(st.out_class.var[c], np.diag(co), rtol=1e-9)
+    if full_cov:
+      np.testing.assert_allclose(st.in_class.cov[c], ci, rtol=1e-9, atol=1e-10)
+
+
 def test_streaming_class_accumulator_equals_one_shot():
   rng = np.random.default_rng(4)
   y = rng.integers(0, 3, size=120)

@@ -134,6 +134,43 @@ def test_fcs_rejects_negative_features():
     u.fcs(np.array([[1.0, -1.0], [-0.5, 2.0]]), np.array([0, 0]), np.ones((1, 2)))
 
 
+def test_fcs_counts_negatives_over_every_chunk():
+  feat = np.ones((7, 2))
+  feat[1, 0] = feat[4, 1] = feat[6, 0] = -0.5  # in chunks 1, 3 and the padded 4th
+  with pytest.raises(ValueError, match="found 3 negative values of 14"):
+    u.fcs(feat, np.zeros(7, np.int64), np.ones((1, 2)), batch_size=2)
+  with pytest.raises(ValueError, match="negative real_class_means"):
+    u.fcs(np.ones((2, 2)), np.zeros(2, np.int64), -np.ones((1, 2)))
+
+
+def test_row_chunks_alias_aligned_float32_and_copy_the_rest():
+  # The host wrappers hand XLA float32 rows that are contiguous and 64-byte aligned as they
+  # are (zero-copy on CPU) and copy any other rows into one reused aligned buffer. Both
+  # must give the same scores, and neither may write into the caller's array.
+  rng = np.random.default_rng(5)
+  x64 = np.abs(rng.normal(size=(11, 6)))
+  aligned = u._aligned_empty((11, 6), np.float32)
+  aligned[...] = x64
+  shifted = np.empty(11 * 6 + 1, np.float32)[1:].reshape(11, 6)  # 4 bytes off alignment
+  shifted[...] = x64
+  assert aligned.ctypes.data % 64 == 0 and shifted.ctypes.data % 64 != 0
+  before = aligned.copy()
+  lab = rng.integers(0, 3, 11)
+  means = np.abs(rng.normal(size=(3, 6)))
+  want = u.fcs(x64.astype(np.float32).astype(np.float64), lab, means, batch_size=4)
+  for x in (aligned, shifted, x64):
+    np.testing.assert_allclose(u.fcs(x, lab, means, batch_size=4), want, rtol=1e-6)
+  np.testing.assert_array_equal(aligned, before)
+  chunks = u._RowChunks(aligned, 4, np.float32)
+  first = chunks(0, 4)
+  if jax.default_backend() == "cpu":  # the first chunk is the caller's memory itself
+    assert first.unsafe_buffer_pointer() == aligned.ctypes.data
+  np.testing.assert_array_equal(np.asarray(first), aligned[:4])
+  last = chunks(8, 11)  # 3 rows + 1 zero row, through the buffer
+  padded = np.concatenate([aligned[8:], np.zeros((1, 6), np.float32)])
+  np.testing.assert_array_equal(np.asarray(last), padded)
+
+
 def test_minmax_and_combine():
   dps = np.array([1.0, 3.0, 2.0, np.nan])
   fcs = np.array([4.0, 2.0, 3.0, 5.0])
