@@ -115,12 +115,13 @@ def test_fcs_worked_example_and_scipy():
   np.testing.assert_allclose(out[1], 1e12, rtol=1e-5)
 
 
-def test_fcs_random_matches_scipy_entropy():
+@pytest.mark.parametrize("classes", [4, u._ONE_HOT_MAX_CLASSES + 8])  # one-hot / gather
+def test_fcs_random_matches_scipy_entropy(classes):
   rng = np.random.default_rng(2)
-  means = np.abs(rng.normal(size=(4, 16)))
+  means = np.abs(rng.normal(size=(classes, 16)))
   means[:, :3] = 0.0  # zeros take the + 1e-10 path
   feat = np.maximum(rng.normal(size=(23, 16)), 0.0)
-  lab = rng.integers(0, 4, 23)
+  lab = rng.integers(0, classes, 23)
   got = u.fcs(feat, lab, means, batch_size=5)
   want = []
   for x, c in zip(feat, lab):

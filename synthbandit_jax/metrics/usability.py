@@ -189,12 +189,28 @@ def class_distribution(real_class_means, eps: float = FCS_EPS):
   return p / jnp.sum(p, axis=-1, keepdims=True)
 
 
+# Up to this many classes the FCS kernel picks each image's p_c row with a one-hot matmul
+# (exact: one 1 * p and zeros, at HIGHEST precision) instead of a gather, which XLA:CPU
+# materialises: 28 vs 53 ms per 4096 x 2048 chunk on 2 cores. The matmul's cost grows with
+# the class count, the gather's does not.
+_ONE_HOT_MAX_CLASSES = 32
+
+
+def _rows_of(table, labels, dtype):
+  """table[labels] for a [C, D] table and [N] labels."""
+  if table.shape[0] > _ONE_HOT_MAX_CLASSES:
+    return table[labels]
+  onehot = jax.nn.one_hot(labels, table.shape[0], dtype=dtype)
+  return jnp.dot(onehot, table, precision=jax.lax.Precision.HIGHEST)
+
+
 def _fcs_chunk(feat, labels, p, log_p, min_kl):
   # q is normalised with the very operations that made p, and KL sums p (log p - log q)
   # term by term, so an image whose feature equals its class mean gets KL = 0 exactly
   # (no cancellation between two large sums).
   log_q = jnp.log(class_distribution(feat))
-  kl = jnp.sum(p[labels] * (log_p[labels] - log_q), axis=-1)
+  p_rows, log_p_rows = _rows_of(p, labels, feat.dtype), _rows_of(log_p, labels, feat.dtype)
+  kl = jnp.sum(p_rows * (log_p_rows - log_q), axis=-1)
   # negative inputs are counted here, in the same pass over the features, not on the host
   negatives = jnp.sum(feat < 0, dtype=jnp.int32)
   return 1.0 / jnp.maximum(kl, min_kl), kl, negatives
