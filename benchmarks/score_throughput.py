@@ -91,6 +91,9 @@ _INCEPTION_MICROBATCH = flags.DEFINE_integer(
 _VGG_MICROBATCH = flags.DEFINE_integer(
     "vgg_microbatch", -1, "Ours: images per step of VGG16's conv stack (-1 = the extractor's "
     "default: features.VGG_CPU_MICROBATCH on CPU, off on GPU; 0 = the whole batch).")
+_VGG_WINOGRAD = flags.DEFINE_enum(
+    "vgg_winograd", "auto", ["auto", "on", "off"], "Ours: VGG16's 14-56 px layers by "
+    "Winograd's algorithm (auto = the extractor's default: on for float32 on CPU).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the images, weights and features.")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the results (atomic).")
 
@@ -262,7 +265,9 @@ def _vgg_sides(torch, np, images, batch: int, ours_dtype, torch_dtype, tdev: str
   sd = _vgg_state_dict(np, seed)
   mb = None if _VGG_MICROBATCH.value < 0 else _VGG_MICROBATCH.value
   ex = features.vgg16_extractor(vgg_import.params_from_torchvision(sd), batch_size=batch,
-                                dtype=ours_dtype, microbatch=mb)
+                                dtype=ours_dtype, microbatch=mb,
+                                winograd={"auto": None, "on": True,
+                                          "off": False}[_VGG_WINOGRAD.value])
   model, kind = _torch_vgg16(torch)
   model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
   del sd
@@ -420,6 +425,7 @@ def main(argv):
              "platform": platform.platform(), "python": platform.python_version(),
              "ours_dtype": jnp.dtype(ours_dtype).name, "torch_dtype": str(torch_dtype),
              "vgg_microbatch": _VGG_MICROBATCH.value,  # -1: the extractor's default
+             "vgg_winograd": _VGG_WINOGRAD.value,
              "inception_peer": _INCEPTION_PEER.value,
              "inception_microbatch": _INCEPTION_MICROBATCH.value,
              "load_average_before": _load_average()}

@@ -41,6 +41,8 @@ score.vgg16_size          VGG16 input side for fcs_backbone=vgg16, 0 = 224 (its 
 score.vgg16_microbatch    images per step of VGG16's conv stack inside a batch: -1 = 2 on CPU
                           (faster there: activations stay in cache), off on GPU; 0 = off
 score.inception_microbatch  the same for the Inception: -1 = 4 on CPU, off on GPU; 0 = off
+score.vgg16_winograd      VGG16's 14-56 px layers by Winograd's algorithm: -1 = on for float32
+                          on CPU (faster there), 0 = off, 1 = on (float32 only)
 score.vgg16_weights       torchvision vgg16 state dict (.pth/.safetensors) for fcs_backbone=vgg16;
                           make it where there is internet: torch.save(torchvision.models.vgg16(
                           weights="IMAGENET1K_V1").state_dict(), path)
@@ -163,6 +165,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.score.vgg16_weights = ""
   c.score.vgg16_size = 0
   c.score.vgg16_microbatch = -1
+  c.score.vgg16_winograd = -1
   c.score.inception_microbatch = -1
   c.score.inception_weights = ""
 

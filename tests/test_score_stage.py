@@ -126,6 +126,14 @@ def test_fcs_backbone_config_errors(tmp_path):
   with pytest.raises(ValueError, match=r"score\.vgg16_microbatch=-2: -1 \(auto"):
     stage.run_scoring(c, tmp_path, progress=False)
   c.score.vgg16_microbatch = -1
+  c.score.vgg16_winograd = 2
+  with pytest.raises(ValueError, match=r"score\.vgg16_winograd=2: -1 \(auto: on for float32"):
+    stage.run_scoring(c, tmp_path, progress=False)
+  c.score.vgg16_winograd = -1
+  for bad in (True, "on"):  # a plain dict has no ConfigDict type check
+    with pytest.raises(ValueError, match=r"score\.vgg16_winograd="):
+      stage.vgg16_winograd({"vgg16_winograd": bad})
+  assert [stage.vgg16_winograd({"vgg16_winograd": v}) for v in (-1, 0, 1)] == [None, False, True]
   c.score.inception_microbatch = -3
   with pytest.raises(ValueError, match=r"score\.inception_microbatch=-3: -1 \(auto: 4"):
     stage.run_scoring(c, tmp_path, progress=False)

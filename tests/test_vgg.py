@@ -8,7 +8,9 @@ compared too). Weights are random (He init, seeded), loaded into torch with
 
 Tolerances (float32, CPU): fc7 / logits max |ours - torch| <= 1e-4 * max |torch|; measured
 here 3.1e-6 (uint8 28x28 -> 224x224 full path) and 3.1e-6 / 3.1e-6 (fc7 / logits, 64x96
-preprocessed input). Preprocessing against ``F.interpolate(bilinear, align_corners=False,
+preprocessed input). With Winograd layers (models/winograd.py) the same bound: measured
+2.4e-6 at 224 px with the CPU default plan, 3.0e-6 / 3.8e-6 with every layer but the first by
+F(2x2, 3x3) / F(4x4, 3x3). Preprocessing against ``F.interpolate(bilinear, align_corners=False,
 antialias=...)`` + normalisation: max |ours - torch| <= 1e-4 * max |torch| (measured 2.3e-5
 with antialias, 6.5e-5 without: torch computes its interpolation weights in float32, ours in
 float64).
@@ -278,15 +280,43 @@ def test_fc7_matches_torch_on_small_preprocessed_input(params, torch_model):
     vgg.VGG16().apply({"params": params}, jnp.zeros((1, 16, 16, 3)), preprocessed=True)
 
 
-def test_extractor_full_224_path_matches_torch(params, torch_model):
-  """uint8 grayscale 28x28 -> extractor (resize + normalise + VGG16) vs torch."""
+@pytest.mark.parametrize("m", (2, 4))
+def test_winograd_layers_match_torch(params, torch_model, m):
+  """Every conv layer but the 3-channel first one by Winograd F(m x m, 3x3) (a plan the
+  default never picks, so both tile sizes meet every width): fc7 / logits still within
+  REL_TOL of torch, and the params are untouched."""
+  x = np.random.default_rng(2).normal(size=(1, 3, 64, 96)).astype(np.float32)
+  fc7_ref, logits_ref = _torch_fc7_and_logits(torch_model, x)
+  plan = {f"features_{k}": m for k in vgg.CONV_INDICES[1:]}
+  variables = {"params": params, vgg.WINOGRAD_COLLECTION: vgg.winograd_kernels(params, plan)}
+  assert variables["winograd"]["features_2"].shape == ((m + 2) ** 2, 64, 64)
+  out = vgg.VGG16(with_logits=True).apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                          preprocessed=True)
+  assert _rel_err(out["fc7"], fc7_ref) < REL_TOL
+  assert _rel_err(out["logits"], logits_ref) < REL_TOL
+
+
+@pytest.mark.parametrize("winograd", (None, False))
+def test_extractor_full_224_path_matches_torch(params, torch_model, winograd):
+  """uint8 grayscale 28x28 -> extractor (resize + normalise + VGG16) vs torch, with the CPU
+  default (None: Winograd's 14-56 px layers) and with direct convolutions only."""
   img = np.random.default_rng(3).integers(0, 256, (1, 28, 28, 1), dtype=np.uint8)
   fc7_ref, _ = _torch_fc7_and_logits(torch_model, _torch_preprocess(img, antialias=True))
-  ext = feat.vgg16_extractor(params, batch_size=1, mesh=parallel.make_mesh(1))
+  ext = feat.vgg16_extractor(params, batch_size=1, mesh=parallel.make_mesh(1),
+                             winograd=winograd)
   out = ext(img)
   assert set(out) == {"vgg_fc7"} and out["vgg_fc7"].shape == (1, 4096)
   assert _rel_err(out["vgg_fc7"], fc7_ref) < REL_TOL
   assert "vgg16" in ext.name and "antialias=True" in ext.name
+  # on CPU in float32 the default is Winograd, and the name (feature cache key) says so
+  assert ("conv=winograd" in ext.name) == (winograd is None)
+
+
+def test_extractor_winograd_needs_float32(params):
+  with pytest.raises(ValueError, match="winograd=True needs dtype float32, got bfloat16"):
+    feat.vgg16_extractor(params, dtype=jnp.bfloat16, winograd=True, mesh=parallel.make_mesh(1))
+  ext = feat.vgg16_extractor(params, dtype=jnp.bfloat16, mesh=parallel.make_mesh(1))
+  assert "conv=winograd" not in ext.name  # the default leaves bf16 direct
 
 
 def test_extractor_input_size_matches_torch_at_that_size(params, torch_model):

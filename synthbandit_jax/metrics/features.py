@@ -851,7 +851,8 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
                     antialias: bool = True, precision: Any = None,
                     cache_dir: str | os.PathLike | None = None,
                     input_size: int | None = None,
-                    microbatch: int | None = None) -> FeatureExtractor:
+                    microbatch: int | None = None,
+                    winograd: bool | None = None) -> FeatureExtractor:
   """A FeatureExtractor for torchvision VGG16's fc7 (4096-d, after ReLU): tap "vgg_fc7".
 
   Images (uint8, any size, 1/3/4 channels) are resized to 224x224 (or `input_size`; torch
@@ -876,6 +877,11 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
       rounding, faster on CPU where a whole batch's activations leave the caches); 0 = the
       whole batch at once. Not part of `name` (it does not change what is computed).
       None = `VGG_CPU_MICROBATCH` when the mesh's devices are CPUs, else 0.
+    winograd: run the 14-56 px layers by Winograd's algorithm (`vgg.winograd_plan`;
+      kernels transformed once here, ~116 MB more host memory at 224 px; 10-20% faster on
+      CPU; fc7 2.4e-6 relative from torch's, 2.1e-6 without; float32 only). None = on
+      when the mesh's devices are CPUs and `dtype` is float32. When on, `name` says
+      "conv=winograd", so its features are cached apart from the direct convolution's.
   """
   from synthbandit_jax.models import vgg as vgg_lib  # pylint: disable=import-outside-toplevel
   size = vgg_lib.INPUT_SIZE if input_size is None else int(input_size)
@@ -909,12 +915,25 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
   mesh = mesh if mesh is not None else parallel.make_mesh()
   microbatch = _microbatch_for(mesh, microbatch, VGG_CPU_MICROBATCH, "vgg16_extractor")
   shards = parallel.mesh_size(mesh)
+  float32 = jnp.dtype(dtype) == jnp.float32
+  if winograd is None:
+    winograd = float32 and all(d.platform == "cpu" for d in mesh.devices.flat)
+  elif winograd and not float32:
+    raise ValueError(f"vgg16_extractor winograd=True needs dtype float32, got "
+                     f"{jnp.dtype(dtype).name} (Winograd's transforms amplify rounding); "
+                     "use winograd=False")
+  held = params
+  if winograd:  # the kernels are transformed once, here, and held beside the params
+    held = {"params": params, vgg_lib.WINOGRAD_COLLECTION: vgg_lib.winograd_kernels(
+        params, vgg_lib.winograd_plan(size))}
 
   def apply_fn(p, images):
-    out = vgg_lib.apply_microbatched(model, {"params": p}, images, microbatch=microbatch,
+    variables = p if winograd else {"params": p}
+    out = vgg_lib.apply_microbatched(model, variables, images, microbatch=microbatch,
                                      shards=shards)
     return {t: out["fc7" if t == VGG_FC7_TAP else "logits"] for t in taps}
 
   name = (f"vgg16_torchvision(taps={','.join(taps)},dtype={jnp.dtype(dtype).name},"
-          f"size={size},antialias={antialias},precision={precision})")
-  return FeatureExtractor(apply_fn, params, batch_size=batch_size, mesh=mesh, name=name)
+          f"size={size},antialias={antialias},precision={precision}"
+          + (",conv=winograd" if winograd else "") + ")")
+  return FeatureExtractor(apply_fn, held, batch_size=batch_size, mesh=mesh, name=name)

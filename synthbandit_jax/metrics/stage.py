@@ -69,7 +69,9 @@ U and DPS validated as well at 139, realism and fid_2048 much worse (configs/dem
 (-1 = 2 on CPU, off on GPU; 0 = off) is how many images per step VGG16's conv stack takes
 inside each batch (`models.vgg.apply_microbatched`: faster on CPU, same features to float
 rounding, so not recorded); `score.inception_microbatch` (-1 = 4 on CPU) the same for the
-Inception.
+Inception. `score.vgg16_winograd` (-1 = on for float32 on CPU, 0 = off, 1 = on) runs VGG16's
+14-56 px layers by Winograd's algorithm (`models.winograd`: faster on CPU, fc7 the same to
+a few 1e-6 relative; the extractor's name, recorded, says "conv=winograd").
 """
 from __future__ import annotations
 
@@ -248,6 +250,16 @@ def vgg16_microbatch(score_config) -> int | None:
   conv stack on CPU, off elsewhere), 0 (off: the whole batch at once) or images per step."""
   return _microbatch(score_config, "vgg16_microbatch", features_lib.VGG_CPU_MICROBATCH,
                      "VGG16's conv stack")
+
+
+def vgg16_winograd(score_config) -> bool | None:
+  """`score.vgg16_winograd`: None (-1: the extractor's default, on for float32 on CPU), False
+  (0) or True (1: float32 only)."""
+  value = score_config.get("vgg16_winograd", -1)
+  if isinstance(value, bool) or value not in (-1, 0, 1):
+    raise ValueError(f"score.vgg16_winograd={value!r}: -1 (auto: on for float32 on CPU), 0 "
+                     "(off) or 1 (on)")
+  return None if value == -1 else bool(value)
 
 
 def inception_microbatch(score_config) -> int | None:
@@ -484,6 +496,7 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
   weights = vgg16_weights(sc) if backbone == "vgg16" and fcs_extractor is None else None
   vgg_size = vgg16_size(sc) if backbone == "vgg16" and fcs_extractor is None else None
   vgg_micro = vgg16_microbatch(sc) if backbone == "vgg16" and fcs_extractor is None else None
+  vgg_wino = vgg16_winograd(sc) if backbone == "vgg16" and fcs_extractor is None else None
   inc_micro = inception_microbatch(sc)
   inc_weights = inception_weights(sc) if extractor is None else None
   splits, skipped = inputs_lib.real_splits(config)
@@ -502,7 +515,7 @@ def run_scoring(config, workdir: str | Path, *, progress: bool = True,
   if backbone == "vgg16" and fcs_extractor is None:
     fcs_extractor = features_lib.vgg16_extractor(weights=weights, batch_size=int(sc.batch_size),
                                                  dtype=dtype, input_size=vgg_size,
-                                                 microbatch=vgg_micro)
+                                                 microbatch=vgg_micro, winograd=vgg_wino)
   extractors = {INCEPTION: extractor}
   if backbone == "vgg16":
     extractors[VGG16] = fcs_extractor
