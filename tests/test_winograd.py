@@ -80,6 +80,19 @@ def test_conv3x3_matches_a_float64_direct_convolution(m, shape, cout):
   assert _rel(got, xla) < TOL[m]
 
 
+@pytest.mark.parametrize("padding", ["VALID", ((0, 1), (1, 0)), ((1, 0), (0, 0))])
+def test_conv3x3_padding_matches_xla(padding):
+  rng = np.random.default_rng(9)
+  x = rng.standard_normal((2, 9, 7, 8)).astype(np.float32)
+  w = (rng.standard_normal((3, 3, 8, 5)) / np.sqrt(72)).astype(np.float32)
+  ref = lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(w), (1, 1), padding,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  for m in W.TILE_SIZES:
+    got = W.conv3x3(jnp.asarray(x), W.transform_kernel(w, m), padding=padding)
+    assert got.shape == ref.shape
+    assert _rel(got, ref) < TOL[m]
+
+
 def test_conv3x3_errors():
   k = np.zeros((3, 3, 4, 2), np.float32)
   u = W.transform_kernel(k, 2)
@@ -94,6 +107,12 @@ def test_conv3x3_errors():
     W.conv3x3(jnp.zeros((1, 8, 8, 3)), u)
   with pytest.raises(ValueError, match=r"kernel rows 9 are not \(m\+2\)\^2"):
     W.conv3x3(x, jnp.zeros((9, 4, 2)))
+  with pytest.raises(ValueError, match=r"padding='FULL'"):
+    W.conv3x3(x, u, padding="FULL")
+  with pytest.raises(ValueError, match=r"padding=\(\(2, 2\), \(1, 1\)\)"):
+    W.conv3x3(x, u, padding=((2, 2), (1, 1)))
+  with pytest.raises(ValueError, match="input 2x2 with padding 'VALID' leaves no output"):
+    W.conv3x3(jnp.zeros((1, 2, 2, 4)), u, padding="VALID")
   with pytest.raises(ValueError, match="needs float32 input.*bfloat16"):
     W.conv3x3(x.astype(jnp.bfloat16), u)
 
@@ -102,14 +121,16 @@ def test_tile_size_rule_and_vgg_plans():
   assert W.tile_size(224, 224, 64) == 0 and W.tile_size(112, 112, 128) == 0
   assert W.tile_size(56, 56, 128) == 4 and W.tile_size(28, 28, 256) == 2
   assert W.tile_size(14, 14, 512) == 2 and W.tile_size(7, 7, 512) == 0
-  assert W.tile_size(28, 28, 3) == 0          # too few input channels
+  assert W.tile_size(28, 28, 64) == 0         # too few input channels
+  assert W.tile_size(71, 71, 80) == 0         # (the Inception's 4a: slower by F(4x4))
   assert W.tile_size(200, 56, 128) == 4       # the smaller side decides
   # At 224 px: block 3 (56 px) F(4x4), blocks 4 and 5 (28, 14 px) F(2x2), blocks 1-2 direct.
   assert vgg.winograd_plan() == {"features_10": 4, "features_12": 4, "features_14": 4,
                                  "features_17": 2, "features_19": 2, "features_21": 2,
                                  "features_24": 2, "features_26": 2, "features_28": 2}
-  # At 112 px every map halves: block 2 at 56 px, block 5 at 7 px (direct).
-  assert vgg.winograd_plan(112) == {"features_5": 4, "features_7": 4, "features_10": 2,
+  # At 112 px every map halves: block 2 at 56 px (its 64-channel input layer direct), block 5
+  # at 7 px (direct).
+  assert vgg.winograd_plan(112) == {"features_7": 4, "features_10": 2,
                                     "features_12": 2, "features_14": 2, "features_17": 2,
                                     "features_19": 2, "features_21": 2}
   with pytest.raises(KeyError, match="features_10.kernel"):

@@ -75,13 +75,14 @@ def tile_size(height: int, width: int, in_channels: int) -> int:
 
   The rule is what was measured per layer (VGG16's shapes, 2 images per call, 2-core Intel
   Sapphire Rapids, benchmarks/README.md "Session 13"): maps over 80 px (VGG16's 224 and
-  112 px layers) and layers with < 64 input channels stay direct (the transforms cost more
-  than they save); 41-80 px (56 px) take F(4x4, 3x3) (1.5-1.8x faster than direct, F(2x2)
-  was slower than direct there); 8-40 px (28 and 14 px) take F(2x2, 3x3) (1.3-1.6x, as fast
-  as F(4x4) there and 10x more exact). The smaller side decides.
+  112 px layers) and layers with < 128 input channels stay direct (the transforms cost more
+  than they save; so did the Inception's 71 px 80 -> 192 layer, 49 vs 41 ms by F(4x4));
+  41-80 px (56 px) take F(4x4, 3x3) (1.4-1.6x faster than direct, F(2x2) was slower than
+  direct there); 8-40 px (28 and 14 px) take F(2x2, 3x3) (1.3-1.9x, as fast as F(4x4) there
+  and 10x more exact). The smaller side decides.
   """
   side = min(int(height), int(width))
-  if in_channels < 64 or side > 80 or side < 8:
+  if in_channels < 128 or side > 80 or side < 8:
     return 0
   return 4 if side > 40 else 2
 
@@ -118,13 +119,31 @@ def _combine(coefs: np.ndarray, parts: list[jax.Array]) -> jax.Array:
   return out
 
 
-def conv3x3(x: jax.Array, u: jax.Array, *, precision: Any = None) -> jax.Array:
-  """``lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)))`` in NHWC / HWIO, with
+def _norm_padding(padding: Any) -> tuple[tuple[int, int], tuple[int, int]]:
+  if isinstance(padding, str):
+    if padding.upper() not in ("SAME", "VALID"):
+      raise ValueError(f"winograd.conv3x3 padding={padding!r}: use 'SAME', 'VALID' or "
+                       "((lo, hi), (lo, hi)) with each in {0, 1}")
+    p = 1 if padding.upper() == "SAME" else 0
+    return ((p, p), (p, p))
+  pads = tuple(tuple(int(v) for v in pair) for pair in padding)
+  if len(pads) != 2 or any(len(pair) != 2 or not set(pair) <= {0, 1} for pair in pads):
+    raise ValueError(f"winograd.conv3x3 padding={padding!r}: use 'SAME', 'VALID' or "
+                     "((lo, hi), (lo, hi)) with each in {0, 1}")
+  return pads
+
+
+def conv3x3(x: jax.Array, u: jax.Array, *, padding: Any = "SAME",
+            precision: Any = None) -> jax.Array:
+  """``lax.conv_general_dilated(x, kernel, (1, 1), padding)`` in NHWC / HWIO, with
   ``u = transform_kernel(kernel, m)`` (m read from its shape); no bias. Jittable.
 
-  `x`: float32 [N, H, W, Cin], any H, W >= 1 (the last tiles are zero-padded and cropped).
-  Returns [N, H, W, Cout] in x's dtype. `precision` goes to the channel matmuls.
+  `x`: float32 [N, H, W, Cin]; the last tiles are zero-padded and cropped, so any size with
+  an output of at least 1x1 works. `padding`: "SAME" (1 on every side, the default), "VALID"
+  (none) or ((top, bottom), (left, right)) with each 0 or 1. Returns [N, H', W', Cout]
+  (H' = H + top + bottom - 2) in x's dtype. `precision` goes to the channel matmuls.
   """
+  (pt, pb), (pl, pr) = _norm_padding(padding)
   if x.ndim != 4:
     raise ValueError(f"winograd.conv3x3 expects NHWC input; got shape {tuple(x.shape)}")
   if u.ndim != 3:
@@ -143,8 +162,13 @@ def conv3x3(x: jax.Array, u: jax.Array, *, precision: Any = None) -> jax.Array:
                      f"got {x.dtype}")
   bt, _, at = MATRICES[m]
   co = u.shape[2]
-  th, tw = -(-h // m), -(-w // m)
-  xp = jnp.pad(x, ((0, 0), (1, th * m + 1 - h), (1, tw * m + 1 - w), (0, 0)))
+  ho, wo = h + pt + pb - 2, w + pl + pr - 2
+  if ho < 1 or wo < 1:
+    raise ValueError(f"winograd.conv3x3: input {h}x{w} with padding {padding!r} leaves no "
+                     "output")
+  th, tw = -(-ho // m), -(-wo // m)
+  # th * m + 2 input rows cover the tiles: pad `pt` above, the rest below (>= pb).
+  xp = jnp.pad(x, ((0, 0), (pt, th * m + 2 - h - pt), (pl, tw * m + 2 - w - pl), (0, 0)))
   # Input transform V = B^T d B: along H on strided row slices, then along W.
   rows = [xp[:, r:r + (th - 1) * m + 1:m] for r in range(a)]          # [N, th, Wp, C] each
   rows = [_combine(bt[p], rows) for p in range(a)]
@@ -162,4 +186,4 @@ def conv3x3(x: jax.Array, u: jax.Array, *, precision: Any = None) -> jax.Array:
   y = [jnp.stack([_combine(at[s], [half[r][q] for q in range(a)]) for s in range(m)], axis=3)
        for r in range(m)]                                              # [N, th, tw, m, Co]
   y = jnp.stack(y, axis=2)                                             # [N, th, m, tw, m, Co]
-  return y.reshape(n, th * m, tw * m, co)[:, :h, :w]
+  return y.reshape(n, th * m, tw * m, co)[:, :ho, :wo]
