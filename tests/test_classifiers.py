@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from synthbandit_jax.models import classifiers as clf
+from synthbandit_jax.models import pooling
 
 # XLA CPU compile time dominates these tests, so the BatchNorm / freezing /
 # bfloat16 tests use a narrow two-stage ResNet ("tiny_resnet": one basic block
@@ -467,7 +468,7 @@ def test_max_pool_2x2_matches_nn_max_pool_values_and_gradients_with_ties(shape):
   rng = np.random.default_rng(sum(shape))
   x = jnp.asarray(rng.integers(-1, 3, shape).astype(np.float32))  # values -1, 0, 1, 2
   x = jnp.maximum(x, 0.0)  # ReLU-like: many all-zero and tied windows
-  dy_shape = jax.eval_shape(clf._max_pool_2x2, x).shape
+  dy_shape = jax.eval_shape(pooling.max_pool_2x2, x).shape
   dy = jnp.asarray(rng.standard_normal(dy_shape).astype(np.float32))
 
   def ref(v):
@@ -475,7 +476,7 @@ def test_max_pool_2x2_matches_nn_max_pool_values_and_gradients_with_ties(shape):
       return v
     return flax.linen.max_pool(v, (2, 2), strides=(2, 2), padding="VALID")
 
-  ours_y, ours_vjp = jax.vjp(jax.jit(clf._max_pool_2x2), x)
+  ours_y, ours_vjp = jax.vjp(jax.jit(pooling.max_pool_2x2), x)
   ref_y, ref_vjp = jax.vjp(ref, x)
   np.testing.assert_array_equal(np.asarray(ours_y), np.asarray(ref_y))
   np.testing.assert_array_equal(np.asarray(ours_vjp(dy)[0]), np.asarray(ref_vjp(dy)[0]))

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from synthbandit_jax.models import conv as conv_lib
+from synthbandit_jax.models import pooling
 
 Dtype = Any
 PyTree = Any
@@ -67,53 +68,6 @@ def _backbone_then_head(backbone: nn.Module, head: nn.Module, x: jax.Array,
   if frozen_backbone:
     features = jax.lax.stop_gradient(features)
   return head(features).astype(jnp.float32)
-
-
-def _max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 stride-2 max-pool (VALID: an odd last row/column is dropped); a no-op on maps
-  already smaller than 2x2.
-
-  Same values and gradients as `nn.max_pool(x, (2, 2), (2, 2))`, ties included (the
-  gradient goes to the first maximum of each window in row-major order, as XLA's
-  select-and-scatter and torch's max_pool2d do; tested). Written as a reshape + max with its
-  own VJP (`_pool_windows`) because both of XLA:CPU's other forms are slow inside the jitted
-  epoch: select-and-scatter (nn.max_pool's gradient) ~4x, and `jnp.max`'s own gradient
-  counts the ties of every window, a reduction that jaxlib 0.10 hands to YNNPACK at ~5 ms
-  per SmallCNN step (measured: the SmallCNN epoch of benchmarks/train_throughput.py runs
-  2.64 s with this VJP, 2.92 s with jnp.max's, 2 CPU cores).
-  """
-  n, h, w, c = x.shape
-  if h < 2 or w < 2:
-    return x
-  h2, w2 = h // 2, w // 2
-  return _pool_windows(x[:, :2 * h2, :2 * w2].reshape(n, h2, 2, w2, 2, c))
-
-
-@jax.custom_vjp
-def _pool_windows(windows: jax.Array) -> jax.Array:
-  """[N, H/2, 2, W/2, 2, C] -> the max of each 2x2 window, [N, H/2, W/2, C]."""
-  return windows.max(axis=(2, 4))
-
-
-def _pool_windows_fwd(windows: jax.Array):
-  y = windows.max(axis=(2, 4))
-  return y, (windows, y)
-
-
-def _pool_windows_bwd(res, dy: jax.Array):
-  windows, y = res
-  taken = jnp.zeros(y.shape, bool)  # windows whose maximum already received the gradient
-  grads = []
-  for i in (0, 1):  # row-major over the window, as select-and-scatter scans it
-    for j in (0, 1):
-      hit = (windows[:, :, i, :, j] == y) & ~taken
-      taken = taken | hit
-      grads.append(jnp.where(hit, dy, jnp.zeros_like(dy)))
-  rows = [jnp.stack(grads[0:2], axis=3), jnp.stack(grads[2:4], axis=3)]
-  return (jnp.stack(rows, axis=2),)
-
-
-_pool_windows.defvjp(_pool_windows_fwd, _pool_windows_bwd)
 
 
 def _batch_norm(dtype: Dtype, train: bool, name: str,
@@ -196,7 +150,7 @@ class _SmallCNNBackbone(nn.Module):
       x = _Conv(features, (3, 3), padding="SAME", dtype=self.dtype,
                 param_dtype=_PARAM_DTYPE, name=f"conv{i}")(x)
       x = nn.relu(x)
-      x = _max_pool_2x2(x)
+      x = pooling.max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = _Dense(self.dense_features, dtype=self.dtype,
                  param_dtype=_PARAM_DTYPE, name="dense")(x)
@@ -413,7 +367,7 @@ class _VGGBackbone(nn.Module):
         if self.use_batchnorm:
           x = _batch_norm(self.dtype, train, f"stage{i + 1}_bn{j + 1}")(x)
         x = nn.relu(x)
-      x = _max_pool_2x2(x)
+      x = pooling.max_pool_2x2(x)
     x = jnp.mean(x, axis=(1, 2))
     for k, features in enumerate(self.fc_features):
       x = _Dense(features, dtype=self.dtype, param_dtype=_PARAM_DTYPE,
