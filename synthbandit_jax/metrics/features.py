@@ -765,11 +765,15 @@ def extract_pool_cached(extractor: FeatureExtractor, pool_root: str | os.PathLik
 # -------------------------------------------------------------------------------- inception
 
 
+def _on_cpu(mesh: Mesh) -> bool:
+  """Whether every device of `mesh` is a CPU (where the CPU-only speed-ups are on)."""
+  return all(d.platform == "cpu" for d in mesh.devices.flat)
+
+
 def _microbatch_for(mesh: Mesh, microbatch: int | None, cpu_default: int, who: str) -> int:
   """An extractor's `microbatch`: None -> `cpu_default` on a mesh of CPUs, else 0 (off)."""
   if microbatch is None:
-    on_cpu = all(d.platform == "cpu" for d in mesh.devices.flat)
-    return cpu_default if on_cpu else 0
+    return cpu_default if _on_cpu(mesh) else 0
   if int(microbatch) < 0:
     raise ValueError(f"{who} microbatch={microbatch}: needs >= 0 (0 = off)")
   return int(microbatch)
@@ -917,7 +921,7 @@ def vgg16_extractor(params: Any = None, *, weights: str | os.PathLike | None = N
   shards = parallel.mesh_size(mesh)
   float32 = jnp.dtype(dtype) == jnp.float32
   if winograd is None:
-    winograd = float32 and all(d.platform == "cpu" for d in mesh.devices.flat)
+    winograd = float32 and _on_cpu(mesh)
   elif winograd and not float32:
     raise ValueError(f"vgg16_extractor winograd=True needs dtype float32, got "
                      f"{jnp.dtype(dtype).name} (Winograd's transforms amplify rounding); "
